@@ -1,0 +1,345 @@
+"""`OREPAConv`: the training-time stand-in for a conv that generates its kernel from six linear branches."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from . import kernels
+from .config import BRANCHES, PAPER_SCALE_INIT, OREPAConfig
+
+#: Version of the block's state_dict layout; stored in every block's extra state.
+FORMAT_VERSION = 1
+
+_PLAIN_CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TAP_BRANCHES = ("avg", "prior", "pw")  # 1x1 branches whose kxk form is a fixed per-channel filter
+
+
+def _same_padding_convs() -> tuple[type[nn.Module], ...]:
+    """Conv classes with run-time 'same' padding that the block supports besides the plain ones."""
+    from .integrations.timm import same_padding_conv_types
+
+    return same_padding_conv_types()
+
+
+def supported_conv_types() -> tuple[type[nn.Module], ...]:
+    """Exact classes that :class:`OREPAConv` can wrap (subclasses are *not* included)."""
+    return _PLAIN_CONVS + _same_padding_convs()
+
+
+def unsupported_reason(conv: nn.Module) -> str | None:
+    """Why ``conv`` cannot be wrapped, or ``None`` if it can."""
+    if torch.nn.utils.parametrize.is_parametrized(conv, "weight"):
+        return "weight is parametrized"
+    if type(conv) not in supported_conv_types():
+        return f"unsupported conv class {type(conv).__module__}.{type(conv).__qualname__}"
+    if isinstance(conv, nn.modules.lazy.LazyModuleMixin) or getattr(conv, "transposed", False):
+        return "lazy or transposed conv"
+    weight = conv._parameters.get("weight")
+    if not isinstance(weight, nn.Parameter):
+        return "conv has no weight parameter"
+    if kernels.num_taps(weight.shape[2:]) < 2:
+        return "single-tap (1x1) kernel"
+    return None
+
+
+@contextlib.contextmanager
+def _exact_generation(device: torch.device) -> Iterator[None]:
+    """Autocast off and full-precision float32 matmuls (no TF32 / reduced precision) while generating."""
+    with contextlib.ExitStack() as stack:
+        if torch.is_autocast_enabled(device.type):
+            stack.enter_context(torch.autocast(device.type, enabled=False))
+        if not torch.compiler.is_compiling():
+            previous = torch.get_float32_matmul_precision()
+            if previous != "highest":
+                torch.set_float32_matmul_precision("highest")
+                stack.callback(torch.set_float32_matmul_precision, previous)
+        yield
+
+
+class OREPAConv(nn.Module):
+    """An OREPA block in place of ``conv``: six linear branches squeezed into one kernel every forward.
+
+    The wrapped conv keeps its class, hyper-parameters and forward semantics (padding mode, run-time
+    'same' padding of timm's ``Conv2dSame``); only its weight is generated. ``fold()`` (alias ``fuse()``,
+    which timm's ``reparameterize_model`` calls) returns that conv with the generated kernel, computed in
+    float64. Parameters: ``weight_<branch>`` tensors and ``scale_<branch>`` vectors ``[O]``, plus the
+    conv's ``bias`` when it has one.
+
+    Args:
+        conv: an ``nn.Conv1d/2d/3d`` (exact class) or timm ``Conv2dSame`` with more than one kernel tap.
+            It is taken over: its weight and bias move into the block.
+        config: branch set, widths and init (see :class:`OREPAConfig`); selection fields are ignored here.
+        generator: source of the random branch weights; by default a fresh one seeded with ``config.seed``.
+            The global RNG is never used.
+    """
+
+    def __init__(
+        self, conv: nn.Module, config: OREPAConfig | None = None, *, generator: torch.Generator | None = None
+    ) -> None:
+        super().__init__()
+        if isinstance(conv, OREPAConv):
+            raise TypeError("conv is already an OREPAConv")
+        if not isinstance(conv, nn.Module):
+            raise TypeError(f"OREPAConv wraps a conv module, got {type(conv).__name__}")
+        reason = unsupported_reason(conv)
+        if reason is not None:
+            raise ValueError(f"cannot convert {type(conv).__name__}: {reason}")
+        config = config or OREPAConfig()
+        weight: nn.Parameter = conv.weight
+        out_channels, in_per_group, *kernel_size = weight.shape
+        groups: int = conv.groups
+        in_channels = in_per_group * groups
+        width = config.branch_width(in_channels, groups)
+        expansion = config.dws_expansion
+        gen = generator if generator is not None else torch.Generator().manual_seed(config.seed)
+        num_taps = kernels.num_taps(kernel_size)
+
+        self.branches: tuple[str, ...] = config.branches
+        self.init: str = config.init
+        self.eval_cache: bool = config.eval_cache
+        self.pw_kxk_width: int = width
+        self.dws_expansion: int = expansion
+
+        def random(*shape: int, fan_in: int) -> nn.Parameter:
+            bound = math.sqrt(6.0 / fan_in)  # Kaiming-uniform with a = 0
+            data = torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=gen)
+            return nn.Parameter(data.to(device=weight.device, dtype=weight.dtype), weight.requires_grad)
+
+        for branch in self.branches:
+            if branch == "origin":
+                if config.init == "preserve":
+                    self.weight_origin = weight  # the very same Parameter: exact, and no copy
+                else:
+                    self.weight_origin = random(out_channels, in_per_group, *kernel_size, fan_in=in_per_group * num_taps)
+            elif branch in _TAP_BRANCHES:
+                setattr(self, f"weight_{branch}", random(out_channels, in_per_group, fan_in=in_per_group))
+            elif branch == "pw_kxk":
+                zeros = torch.zeros(width, in_per_group, device=weight.device, dtype=weight.dtype)
+                self.weight_pw_kxk_in = nn.Parameter(zeros, weight.requires_grad)
+                self.weight_pw_kxk = random(
+                    out_channels, width // groups, *kernel_size, fan_in=width // groups * num_taps
+                )
+            elif branch == "dws":
+                self.weight_dws_dw = random(expansion * in_channels, 1, *kernel_size, fan_in=num_taps)
+                self.weight_dws_pw = random(out_channels, expansion * in_per_group, fan_in=expansion * in_per_group)
+        for branch in self.branches:
+            if config.init == "preserve":
+                value = 1.0 if branch == "origin" else 0.0
+            else:
+                value = PAPER_SCALE_INIT[branch]
+            scale = torch.full((out_channels,), value, device=weight.device, dtype=weight.dtype)
+            setattr(self, f"scale_{branch}", nn.Parameter(scale, weight.requires_grad))
+
+        # Take the conv over: its weight is generated from now on, its bias lives here.
+        bias = conv._parameters["bias"] if "bias" in conv._parameters else None
+        self.register_parameter("bias", bias)
+        del conv._parameters["weight"]
+        conv._parameters["bias"] = None
+        object.__setattr__(self, "_conv", conv)  # not a submodule: it holds no tensors
+        self.train(conv.training)
+
+    # ------------------------------------------------------------------ conv attributes
+    @property
+    def conv(self) -> nn.Module:
+        """The wrapped conv (without weight while the block is active)."""
+        return self._conv
+
+    in_channels = property(lambda self: self._conv.in_channels)
+    out_channels = property(lambda self: self._conv.out_channels)
+    kernel_size = property(lambda self: self._conv.kernel_size)
+    stride = property(lambda self: self._conv.stride)
+    padding = property(lambda self: self._conv.padding)
+    dilation = property(lambda self: self._conv.dilation)
+    groups = property(lambda self: self._conv.groups)
+    padding_mode = property(lambda self: self._conv.padding_mode)
+
+    @property
+    def weight(self) -> Tensor:
+        """The generated kernel (read-only; computed from the branches, cached in eval)."""
+        return self._kernel()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "weight":
+            raise AttributeError(
+                "OREPAConv generates its weight from its branches and it cannot be assigned; call "
+                "orepa_convert.fold_orepa(model) (or block.fold()) first to get a plain conv, e.g. before "
+                "fusing BN or exporting"
+            )
+        super().__setattr__(name, value)
+
+    # ------------------------------------------------------------------ kernel generation
+    def _constants(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+        """Fixed tap filters ``[B, O, kk]`` and the 1x1->kxk identity ``[t, I/g]``, built once per device and
+        dtype in float64 and kept out of the state_dict (so a ``.half()`` round trip never rounds them)."""
+        cache = self.__dict__.setdefault("_constant_cache", {})
+        key = (device, dtype)
+        if key not in cache:
+            tap_names = [b for b in self.branches if b in _TAP_BRANCHES]
+            filters = None
+            if tap_names:
+                filters = torch.stack(
+                    [kernels.tap_filter(b, self.out_channels, self.kernel_size).flatten(1) for b in tap_names]
+                ).to(device=device, dtype=dtype)
+            identity = None
+            if "pw_kxk" in self.branches:
+                identity = kernels.stacked_identity(self.pw_kxk_width, self.in_channels, self.groups)
+                identity = identity.to(device=device, dtype=dtype)
+            cache[key] = (filters, identity)
+        return cache[key]
+
+    def generate_kernel(self, compute_dtype: torch.dtype | None = None) -> Tensor:
+        """Generate the kernel ``[O, I/g, *K]`` in the parameters' dtype.
+
+        It is computed in ``compute_dtype`` (default: float32, or float64 for float64 parameters) with
+        autocast off and full-precision matmuls, so mixed precision never changes the trained function.
+        """
+        params = self._parameters
+        ref = next(p for p in params.values() if p is not None)
+        if compute_dtype is None:
+            compute_dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
+        with _exact_generation(ref.device):
+
+            def get(name: str) -> Tensor:
+                return params[name].to(compute_dtype)
+
+            filters, identity = self._constants(ref.device, compute_dtype)
+            origin = taps = pw_kxk = dws = None
+            b = self.branches
+            if "origin" in b:
+                origin = (get("scale_origin"), get("weight_origin"))
+            tap_names = [name for name in b if name in _TAP_BRANCHES]
+            if tap_names:
+                taps = (
+                    torch.stack([get(f"scale_{n}") for n in tap_names]),
+                    torch.stack([get(f"weight_{n}") for n in tap_names]),
+                    filters,
+                )
+            if "pw_kxk" in b:
+                pw_kxk = (get("scale_pw_kxk"), identity + get("weight_pw_kxk_in"), get("weight_pw_kxk"))
+            if "dws" in b:
+                dws = (get("scale_dws"), get("weight_dws_dw"), get("weight_dws_pw"), self.dws_expansion)
+            kernel = kernels.generate_kernel_fused(
+                self.kernel_size, self.groups, origin=origin, taps=taps, pw_kxk=pw_kxk, dws=dws
+            )
+        return kernel.to(ref.dtype)
+
+    def _cache_key(self) -> tuple:
+        return tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in self._parameters.values() if p is not None)
+
+    def _kernel(self) -> Tensor:
+        """The kernel for this forward pass: served from the eval cache only while autograd is not
+        recording, and only if no parameter changed (version counters, storage, dtype, device)."""
+        cacheable = (
+            self.eval_cache
+            and not self.training
+            and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and any(p.requires_grad for p in self._parameters.values() if p is not None))
+        )
+        if not cacheable:
+            return self.generate_kernel()
+        key = self._cache_key()
+        cached = self.__dict__.get("_kernel_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        kernel = self.generate_kernel()
+        self.__dict__["_kernel_cache"] = (key, kernel)
+        return kernel
+
+    def forward(self, x: Tensor) -> Tensor:
+        kernel = self._kernel()
+        conv = self._conv
+        if type(conv) in _PLAIN_CONVS and not (conv._forward_hooks or conv._forward_pre_hooks):
+            return conv._conv_forward(x, kernel, self.bias)
+        # Any other supported class (run-time 'same' padding) or a conv with hooks: call it as itself.
+        tensors = {"weight": kernel} if self.bias is None else {"weight": kernel, "bias": self.bias}
+        return functional_call(conv, tensors, (x,))
+
+    # ------------------------------------------------------------------ deployment
+    @torch.no_grad()
+    def fold(self) -> nn.Module:
+        """Return the wrapped conv (same object and class) holding the generated kernel, computed in float64
+        and cast to the parameter dtype. The block stays usable; folding again gives the same values."""
+        ref = next(p for p in self._parameters.values() if p is not None)
+        kernel = self.generate_kernel(torch.float64)
+        conv = self._conv
+        conv.weight = nn.Parameter(kernel.to(ref.dtype).contiguous(), requires_grad=ref.requires_grad)
+        conv.register_parameter("bias", self.bias)
+        conv.train(self.training)
+        return conv
+
+    def fuse(self) -> nn.Module:
+        """timm ``reparameterize_model`` hook: the folded conv that replaces this block."""
+        return self.fold()
+
+    # ------------------------------------------------------------------ state
+    def _layout(self) -> list[int]:
+        mask = sum(1 << BRANCHES.index(b) for b in self.branches)
+        return [FORMAT_VERSION, mask, self.pw_kxk_width, self.dws_expansion]
+
+    def get_extra_state(self) -> Tensor:
+        """Format version and config as a small int64 tensor (tensor-valued, so EMA and checkpoint tools that
+        iterate state_dict values keep working)."""
+        return torch.tensor(self._layout(), dtype=torch.int64)
+
+    def set_extra_state(self, state: Any) -> None:
+        problem = self._layout_problem(state)
+        if problem:
+            raise RuntimeError(problem)
+
+    def _layout_problem(self, state: Any) -> str | None:
+        try:
+            saved = [int(v) for v in torch.as_tensor(state).flatten().tolist()]
+        except (TypeError, ValueError, RuntimeError):
+            return f"unreadable OREPA block state {state!r}"
+        mine = self._layout()
+        if saved == mine:
+            return None
+        if not saved or saved[0] != FORMAT_VERSION:
+            return (
+                f"OREPA block state has format version {saved[0] if saved else '?'}, this orepa_convert reads "
+                f"version {FORMAT_VERSION}; fold the model with the orepa_convert version that trained it"
+            )
+        branches = [b for i, b in enumerate(BRANCHES) if saved[1] >> i & 1] if len(saved) > 1 else "?"
+        return (
+            f"OREPA block was saved with branches={branches}, pw_kxk_width={saved[2:3]}, "
+            f"dws_expansion={saved[3:4]} but this model has branches={list(self.branches)}, "
+            f"pw_kxk_width={self.pw_kxk_width}, dws_expansion={self.dws_expansion}; convert with the same "
+            f"OREPAConfig before loading"
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[no-untyped-def]
+        name = prefix[:-1] or type(self).__name__
+        if prefix + "weight" in state_dict and prefix + "weight_origin" not in state_dict:
+            error_msgs.append(
+                f"{prefix}weight is a plain conv weight but {name} is an OREPA block: load plain weights "
+                f"before convert_to_orepa(), or fold the model first"
+            )
+            return
+        extra = state_dict.get(prefix + "_extra_state")
+        problem = None if extra is None else self._layout_problem(extra)
+        if problem:
+            error_msgs.append(f"{name}: {problem}")
+            return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_kernel_cache", None)  # derived, device-bound: never pickled or deep-copied
+        state.pop("_constant_cache", None)
+        return state
+
+    def extra_repr(self) -> str:
+        c = self._conv
+        return (
+            f"{type(c).__name__}({c.in_channels}, {c.out_channels}, kernel_size={c.kernel_size}, stride={c.stride}, "
+            f"groups={c.groups}), branches={self.branches}, init={self.init!r}"
+        )

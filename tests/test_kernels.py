@@ -1,0 +1,135 @@
+"""Each kernel transform against running its branch on feature maps (float64)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+from orepa_convert import OREPAConfig, OREPAConv, kernels
+from offline import branch_outputs, pad_like_conv, rel_err
+from strategies import conv_configs
+
+_CONV = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}
+
+
+def _branch_kernel(block: OREPAConv, branch: str) -> torch.Tensor:
+    """Unscaled dense kernel of one branch, from the pure transforms."""
+    c = block.conv
+    p = dict(block.named_parameters())
+    K = tuple(c.kernel_size)
+    if branch == "origin":
+        return p["weight_origin"]
+    if branch in ("avg", "prior", "pw"):
+        return kernels.expand_1x1(p[f"weight_{branch}"], kernels.tap_filter(branch, c.out_channels, K))
+    if branch == "pw_kxk":
+        first = kernels.stacked_identity(block.pw_kxk_width, c.in_channels, c.groups) + p["weight_pw_kxk_in"]
+        return kernels.compose_1x1_kxk(first, p["weight_pw_kxk"], c.groups)
+    if branch == "dws":
+        return kernels.depthwise_pointwise_to_dense(p["weight_dws_dw"], p["weight_dws_pw"], c.groups, block.dws_expansion)
+    raise AssertionError(branch)
+
+
+@settings(deadline=None, max_examples=40)
+@given(conv_configs())
+def test_each_branch_kernel_matches_its_feature_map_form(cfg):
+    conv, size = cfg
+    conv = conv.double()
+    block = OREPAConv(conv, OREPAConfig(init="paper", seed=3))
+    with torch.no_grad():  # non-trivial learned identity part
+        block.weight_pw_kxk_in.normal_()
+    x = torch.randn(2, conv.in_channels, *size, dtype=torch.float64)
+    xp = pad_like_conv(block.conv, x)
+    for branch, expected in branch_outputs(block, xp).items():
+        w = _branch_kernel(block, branch)
+        got = _CONV[len(size)](xp, w, stride=conv.stride, dilation=conv.dilation, groups=conv.groups)
+        assert got.shape == expected.shape
+        assert rel_err(got, expected) <= 1e-12, branch
+
+
+@pytest.mark.parametrize("kernel_size", [(3, 3), (1, 3), (5, 5), (7, 7), (2, 2), (4,), (3, 3, 3), (1, 1, 2)])
+def test_prior_filters_defined_bounded_nonzero(kernel_size):
+    out = 37
+    f = kernels.dct_prior_filters(out, kernel_size)
+    assert f.shape == (out, *kernel_size)
+    assert torch.isfinite(f).all() and f.abs().max() <= 1.0
+    assert (f.flatten(1).abs().amax(1) > 1e-6).all(), "a prior filter is all zero"
+    # every filter is orthogonal to the constant (average) filter: u >= 1
+    assert f.flatten(1).sum(1).abs().max() < 1e-9
+
+
+def test_prior_filters_match_dct_ii_formula():
+    f = kernels.dct_prior_filters(4, (3, 3))
+    # first half along height, frequencies 1, 2; second half along width, frequencies 1, 2
+    n = torch.arange(3, dtype=torch.float64) + 0.5
+    for o, (axis, u) in enumerate([(0, 1), (0, 2), (1, 1), (1, 2)]):
+        basis = torch.cos(math.pi * n * u / 3)
+        expected = basis[:, None].expand(3, 3) if axis == 0 else basis[None, :].expand(3, 3)
+        assert torch.allclose(f[o], expected)
+
+
+def test_centre_tap_even_and_odd():
+    assert kernels.centre_tap((3, 3)) == (1, 1)
+    assert kernels.centre_tap((2, 4)) == (0, 1)
+    assert kernels.centre_tap((5,)) == (2,)
+
+
+def test_stacked_identity():
+    t = kernels.stacked_identity(8, 4, 2)  # 2 groups, 4 rows per group, 2 inputs per group
+    assert t.tolist() == [[1, 0], [0, 1], [1, 0], [0, 1]] * 2
+    assert torch.equal(kernels.stacked_identity(6, 6, 1), torch.eye(6, dtype=torch.float64))
+
+
+def test_fold_batchnorm_matches_module():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1, bias=True).double()
+    bn = torch.nn.BatchNorm2d(6).double().eval()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    w, b = kernels.fold_batchnorm(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    assert rel_err(torch.nn.functional.conv2d(x, w, b, padding=1), bn(conv(x))) <= 1e-12
+
+
+def test_shape_errors_are_clear():
+    with pytest.raises(ValueError, match="depthwise-separable"):
+        kernels.depthwise_pointwise_to_dense(torch.zeros(8, 1, 3, 3), torch.zeros(4, 6), 1, 8)
+    with pytest.raises(ValueError, match="more than one tap"):
+        kernels.dct_prior_filters(4, (1, 1))
+
+
+@pytest.mark.parametrize(
+    "out_ch, in_ch, groups, kernel_size, width, expansion",
+    [(6, 4, 2, (3, 3), 8, 3), (4, 4, 4, (2,), 8, 2), (3, 6, 3, (2, 3, 2), 6, 1)],
+)
+def test_fused_generation_gradients_match_autograd(out_ch, in_ch, groups, kernel_size, width, expansion):
+    """The hand-written backward of the per-step generation against numerical and autograd gradients."""
+    g = torch.Generator().manual_seed(0)
+    ig = in_ch // groups
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+
+    filters = torch.randn(3, out_ch, math.prod(kernel_size), generator=g, dtype=torch.float64)
+    flat = [r(out_ch), r(out_ch, ig, *kernel_size), r(3, out_ch), r(3, out_ch, ig), r(out_ch), r(width, ig),
+            r(out_ch, width // groups, *kernel_size), r(out_ch), r(expansion * in_ch, 1, *kernel_size),
+            r(out_ch, expansion * ig)]
+
+    def branches(t):
+        return dict(origin=(t[0], t[1]), taps=(t[2], t[3], filters), pw_kxk=(t[4], t[5], t[6]),
+                    dws=(t[7], t[8], t[9], expansion))
+
+    def fused(*t):
+        return kernels.generate_kernel_fused(kernel_size, groups, **branches(t))
+
+    assert torch.autograd.gradcheck(fused, flat)
+    upstream = torch.randn(out_ch, ig, *kernel_size, generator=g, dtype=torch.float64)
+    ref = torch.autograd.grad(kernels.generate_kernel(kernel_size, groups, **branches(flat)), flat, upstream)
+    got = torch.autograd.grad(fused(*flat), flat, upstream)
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) <= 1e-12
