@@ -1,8 +1,24 @@
-"""orepa_convert: OREPA (Online Convolutional Re-parameterization) for any PyTorch CNN."""
+"""orepa_convert: OREPA (Online Convolutional Re-parameterization) for any PyTorch CNN.
+
+``convert_to_orepa(model)`` before training, ``fold_orepa(model)`` before export.
+"""
 
 from .block import OREPAConv
 from .config import BRANCHES, OREPAConfig
+from .convert import convert_to_orepa, inspect_model
+from .fold import fold_orepa
+from .report import ConversionReport, FoldReport
 
 __version__ = "0.1.0"
 
-__all__ = ["BRANCHES", "OREPAConfig", "OREPAConv", "__version__"]
+__all__ = [
+    "BRANCHES",
+    "ConversionReport",
+    "FoldReport",
+    "OREPAConfig",
+    "OREPAConv",
+    "__version__",
+    "convert_to_orepa",
+    "fold_orepa",
+    "inspect_model",
+]

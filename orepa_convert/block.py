@@ -49,6 +49,22 @@ def unsupported_reason(conv: nn.Module) -> str | None:
     return None
 
 
+def branch_parameter_count(conv: nn.Module, config: OREPAConfig) -> int:
+    """Parameters an :class:`OREPAConv` around ``conv`` would have beyond ``conv``'s own (weight and bias)."""
+    out_channels, in_channels, groups = conv.out_channels, conv.in_channels, conv.groups
+    in_per_group, taps = in_channels // groups, kernels.num_taps(conv.kernel_size)
+    width, e = config.branch_width(in_channels, groups), config.dws_expansion
+    sizes = {
+        "origin": 0,  # replaces the conv's own weight (the same tensor with init="preserve")
+        "avg": out_channels * in_per_group,
+        "prior": out_channels * in_per_group,
+        "pw_kxk": width * in_per_group + out_channels * (width // groups) * taps,
+        "pw": out_channels * in_per_group,
+        "dws": e * in_channels * taps + out_channels * e * in_per_group,
+    }
+    return sum(sizes[b] + out_channels for b in config.branches)  # + one scale vector per branch
+
+
 @contextlib.contextmanager
 def _exact_generation(device: torch.device) -> Iterator[None]:
     """Autocast off and full-precision float32 matmuls (no TF32 / reduced precision) while generating."""
@@ -123,12 +139,16 @@ class OREPAConv(nn.Module):
             elif branch == "pw_kxk":
                 zeros = torch.zeros(width, in_per_group, device=weight.device, dtype=weight.dtype)
                 self.weight_pw_kxk_in = nn.Parameter(zeros, weight.requires_grad)
+                # stored [O, *K, t/g] (see kernels.natural_pw_kxk for the conv layout)
                 self.weight_pw_kxk = random(
-                    out_channels, width // groups, *kernel_size, fan_in=width // groups * num_taps
+                    out_channels, *kernel_size, width // groups, fan_in=width // groups * num_taps
                 )
             elif branch == "dws":
                 self.weight_dws_dw = random(expansion * in_channels, 1, *kernel_size, fan_in=num_taps)
-                self.weight_dws_pw = random(out_channels, expansion * in_per_group, fan_in=expansion * in_per_group)
+                # stored [I, O/g, e] (see kernels.natural_dws_pointwise for the conv layout)
+                self.weight_dws_pw = random(
+                    in_channels, out_channels // groups, expansion, fan_in=expansion * in_per_group
+                )
         for branch in self.branches:
             if config.init == "preserve":
                 value = 1.0 if branch == "origin" else 0.0
@@ -185,8 +205,8 @@ class OREPAConv(nn.Module):
             filters = None
             if tap_names:
                 filters = torch.stack(
-                    [kernels.tap_filter(b, self.out_channels, self.kernel_size).flatten(1) for b in tap_names]
-                ).to(device=device, dtype=dtype)
+                    [kernels.tap_filter(b, self.out_channels, self.kernel_size).flatten(1) for b in tap_names], 1
+                ).to(device=device, dtype=dtype)  # [O, B, kk]
             identity = None
             if "pw_kxk" in self.branches:
                 identity = kernels.stacked_identity(self.pw_kxk_width, self.in_channels, self.groups)
@@ -216,13 +236,9 @@ class OREPAConv(nn.Module):
                 origin = (get("scale_origin"), get("weight_origin"))
             tap_names = [name for name in b if name in _TAP_BRANCHES]
             if tap_names:
-                taps = (
-                    torch.stack([get(f"scale_{n}") for n in tap_names]),
-                    torch.stack([get(f"weight_{n}") for n in tap_names]),
-                    filters,
-                )
+                taps = ([get(f"scale_{n}") for n in tap_names], [get(f"weight_{n}") for n in tap_names], filters)
             if "pw_kxk" in b:
-                pw_kxk = (get("scale_pw_kxk"), identity + get("weight_pw_kxk_in"), get("weight_pw_kxk"))
+                pw_kxk = (get("scale_pw_kxk"), get("weight_pw_kxk_in"), identity, get("weight_pw_kxk"))
             if "dws" in b:
                 dws = (get("scale_dws"), get("weight_dws_dw"), get("weight_dws_pw"), self.dws_expansion)
             kernel = kernels.generate_kernel_fused(

@@ -184,59 +184,135 @@ def fold_batchnorm(
     return new_weight.to(weight.dtype), new_bias.to(weight.dtype)
 
 
+def natural_pw_kxk(second: Tensor) -> Tensor:
+    """The block's 1x1->kxk second factor, stored ``[O, *K, t/g]``, in conv layout ``[O, t/g, *K]``."""
+    return second.movedim(-1, 1)
+
+
+def natural_dws_pointwise(pointwise: Tensor, groups: int) -> Tensor:
+    """The block's depthwise-separable pointwise weight, stored ``[I, O/g, e]``, in conv layout ``[O, e*I/g]``."""
+    in_channels, og, e = pointwise.shape
+    ig = in_channels // groups
+    return pointwise.reshape(groups, ig, og, e).permute(0, 2, 1, 3).reshape(groups * og, ig * e)
+
+
 class _GenerateKernel(torch.autograd.Function):
-    """:func:`generate_kernel` with a hand-written backward that keeps only the parameters for backward
-    (no kernel-sized intermediates) and runs every gradient as a contiguous contraction."""
+    """The per-step OREPA kernel as one autograd node.
+
+    It works on the block's storage layouts (1x1->kxk second factor ``[O, *K, t/g]``, depthwise-separable
+    pointwise ``[I, O/g, e]``), which make every product a plain ``bmm`` whose result is already in the layout
+    of what it feeds. Backward keeps only the inputs (no kernel-sized intermediates) and recomputes the rest.
+    """
 
     @staticmethod
-    def forward(ctx, spec, v1, w1, vt, wt, filters, v4, first, second, v6, dw, pw):  # type: ignore[override]
-        kernel_size, groups, expansion = spec
+    def forward(ctx, spec, *tensors):  # type: ignore[override]
         ctx.spec = spec
-        ctx.save_for_backward(v1, w1, vt, wt, filters, v4, first, second, v6, dw, pw)
-        return generate_kernel(
-            kernel_size,
-            groups,
-            origin=None if w1 is None else (v1, w1),
-            taps=None if wt is None else (vt, wt, filters),
-            pw_kxk=None if second is None else (v4, first, second),
-            dws=None if dw is None else (v6, dw, pw, expansion),
-        )
+        ctx.save_for_backward(*tensors)
+        parts = _unpack(spec, tensors)
+        return _fused_forward(spec, parts).view(parts["O"], parts["ig"], *spec[0])
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        kernel_size, groups, expansion = ctx.spec
-        v1, w1, vt, wt, filters, v4, first, second, v6, dw, pw = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        out_channels, in_per_group = grad.shape[:2]
-        g, og = groups, out_channels // groups
-        grad = grad.reshape(out_channels, in_per_group, -1).contiguous()  # [O, I/g, kk]
-        gg = grad.view(g, og, in_per_group, -1)
-        d = [None] * 12
-        if w1 is not None:
-            d[1] = torch.einsum("ox,ox->o", grad.view(out_channels, -1), w1.reshape(out_channels, -1))
-            d[2] = (grad * v1.view(-1, 1, 1)).view_as(w1)
-        if wt is not None:
-            h = torch.einsum("oik,bok->boi", grad, filters)  # [B, O, I/g]
-            d[3] = torch.einsum("boi,boi->bo", h, wt)
-            d[4] = h.mul_(vt.unsqueeze(-1))
-        if second is not None:
-            per_group = second.shape[1]
-            s = second.reshape(g, og, per_group, -1)
-            f = first.view(g, per_group, in_per_group)
-            p = torch.einsum("goik,gsi->gosk", gg, f).contiguous()  # [g, O/g, t/g, kk], layout of second
-            d[6] = torch.einsum("gox,gox->go", p.view(g, og, -1), s.reshape(g, og, -1)).reshape(out_channels)
-            if need[7]:
-                d[7] = torch.einsum("goik,gosk->gsi", gg, s * v4.view(g, og, 1, 1)).reshape_as(first)
-            d[8] = p.mul_(v4.view(g, og, 1, 1)).view_as(second)
-        if dw is not None:
-            q = pw.view(g, og, in_per_group, expansion)
-            dd = dw.view(g, in_per_group, expansion, -1)
-            p = torch.einsum("goik,gijk->goij", gg, dd).contiguous()  # [g, O/g, I/g, e], layout of pw
-            d[9] = torch.einsum("gox,gox->go", p.view(g, og, -1), q.reshape(g, og, -1)).reshape(out_channels)
-            if need[10]:
-                d[10] = torch.einsum("goij,goik->gijk", q * v6.view(g, og, 1, 1), gg).reshape_as(dw)
-            d[11] = p.mul_(v6.view(g, og, 1, 1)).view_as(pw)
-        return tuple(d)
+        parts = _unpack(ctx.spec, ctx.saved_tensors)
+        return (None, *_fused_backward(ctx.spec, parts, grad))
+
+
+def _unpack(spec, tensors) -> dict:
+    kernel_size, groups, expansion, has_origin, n_taps, flags = spec
+    has_pw, has_dws = flags
+    it = iter(tensors)
+    parts: dict = {"taps_v": [], "taps_w": []}
+    if has_origin:
+        parts["v1"], parts["w1"] = next(it), next(it)
+    for _ in range(n_taps):
+        parts["taps_v"].append(next(it))
+        parts["taps_w"].append(next(it))
+    if n_taps:
+        parts["filters"] = next(it)  # [O, B, kk]
+    if has_pw:
+        parts["v4"], parts["learned"], parts["identity"], parts["second"] = next(it), next(it), next(it), next(it)
+    if has_dws:
+        parts["v6"], parts["dw"], parts["pw"] = next(it), next(it), next(it)
+    # shapes
+    if has_origin:
+        parts["O"], parts["ig"] = parts["w1"].shape[:2]
+    elif n_taps:
+        parts["O"], parts["ig"] = parts["taps_w"][0].shape
+    elif has_pw:
+        parts["O"], parts["ig"] = parts["second"].shape[0], parts["learned"].shape[1]
+    else:
+        parts["ig"] = parts["pw"].shape[0] // groups
+        parts["O"] = parts["pw"].shape[1] * groups
+    parts["kk"] = num_taps(kernel_size)
+    return parts
+
+
+def _fused_forward(spec, p: dict) -> Tensor:
+    kernel_size, g, e, has_origin, n_taps, (has_pw, has_dws) = spec
+    O, ig, kk = p["O"], p["ig"], p["kk"]
+    og = O // g
+    ref = p["w1"] if has_origin else (p["taps_w"][0] if n_taps else (p["second"] if has_pw else p["pw"]))
+    if has_origin:
+        kernel = (p["w1"].reshape(O, ig * kk) * p["v1"].unsqueeze(1)).view(O, ig, kk)
+    else:
+        kernel = ref.new_zeros(O, ig, kk)
+    if n_taps:
+        a = torch.stack(p["taps_w"], -1) * torch.stack(p["taps_v"], -1).unsqueeze(1)  # [O, I/g, B]
+        kernel.baddbmm_(a, p["filters"])
+    grouped = kernel.view(g, og, ig, kk)
+    if has_pw:
+        tg = p["second"].shape[-1]
+        first = (p["learned"] + p["identity"]).view(g, tg, ig)
+        scaled = (p["second"].reshape(g, og, kk * tg) * p["v4"].view(g, og, 1)).view(g, og * kk, tg)
+        grouped.add_(torch.bmm(scaled, first).view(g, og, kk, ig).transpose(2, 3))
+    if has_dws:
+        scaled = p["pw"].view(g, ig, og, e) * p["v6"].view(g, 1, og, 1)
+        dense = torch.bmm(scaled.view(g * ig, og, e), p["dw"].view(g * ig, e, kk))  # [g*I/g, O/g, kk]
+        grouped.add_(dense.view(g, ig, og, kk).transpose(1, 2))
+    return kernel
+
+
+def _fused_backward(spec, p: dict, grad: Tensor) -> list[Tensor | None]:
+    kernel_size, g, e, has_origin, n_taps, (has_pw, has_dws) = spec
+    O, ig, kk = p["O"], p["ig"], p["kk"]
+    og = O // g
+    grad = grad.reshape(O, ig, kk).contiguous()
+    out: list[Tensor | None] = []
+    if has_origin:
+        w1 = p["w1"].reshape(O, ig * kk)
+        out.append(torch.linalg.vecdot(grad.view(O, -1), w1))  # <dL/dW[o], W1[o]>
+        out.append((grad * p["v1"].view(O, 1, 1)).view_as(p["w1"]))
+    if n_taps:
+        h = torch.bmm(p["filters"], grad.transpose(1, 2))  # [O, B, I/g]
+        for b, (v, w) in enumerate(zip(p["taps_v"], p["taps_w"])):
+            hb = h[:, b]
+            out.append(torch.linalg.vecdot(hb, w))
+            out.append(hb * v.unsqueeze(1))
+        out.append(None)  # filters are constants
+    if has_pw or has_dws:
+        grouped = grad.view(g, og, ig, kk)
+    if has_pw:
+        second, v4 = p["second"], p["v4"]
+        tg = second.shape[-1]
+        first = (p["learned"] + p["identity"]).view(g, tg, ig)
+        gt = grouped.transpose(2, 3).contiguous().view(g, og * kk, ig)
+        prod = torch.bmm(gt, first.transpose(1, 2))  # [g, O/g*kk, t/g]: dL/d(scaled second)
+        dv4 = torch.linalg.vecdot(prod.view(O, kk * tg), second.reshape(O, kk * tg))
+        scaled = (second.reshape(g, og, kk * tg) * v4.view(g, og, 1)).view(g, og * kk, tg)
+        dfirst = torch.bmm(scaled.transpose(1, 2), gt).view_as(p["learned"])
+        dsecond = prod.view(g, og, kk * tg).mul_(v4.view(g, og, 1)).view_as(second)
+        out.extend([dv4, dfirst, None, dsecond])
+    if has_dws:
+        pw, dw, v6 = p["pw"], p["dw"], p["v6"]
+        gq = grouped.transpose(1, 2).contiguous().view(g * ig, og, kk)
+        d = dw.view(g * ig, e, kk)
+        prod = torch.bmm(gq, d.transpose(1, 2))  # [g*I/g, O/g, e]: dL/d(scaled pointwise)
+        dv6 = (prod.view(g, ig, og, e) * pw.view(g, ig, og, e)).sum((1, 3)).view(O)
+        scaled = pw.view(g, ig, og, e) * v6.view(g, 1, og, 1)
+        ddw = torch.bmm(scaled.view(g * ig, og, e).transpose(1, 2), gq).view_as(dw)
+        dpw = prod.view(g, ig, og, e).mul_(v6.view(g, 1, og, 1)).view_as(pw)
+        out.extend([dv6, ddw, dpw])
+    return out
 
 
 def generate_kernel_fused(
@@ -244,15 +320,38 @@ def generate_kernel_fused(
     groups: int,
     *,
     origin: tuple[Tensor, Tensor] | None = None,
-    taps: tuple[Tensor, Tensor, Tensor] | None = None,
-    pw_kxk: tuple[Tensor, Tensor, Tensor] | None = None,
+    taps: tuple[Sequence[Tensor], Sequence[Tensor], Tensor] | None = None,
+    pw_kxk: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
     dws: tuple[Tensor, Tensor, Tensor, int] | None = None,
 ) -> Tensor:
-    """Same result and arguments as :func:`generate_kernel`, as one autograd node whose backward saves
-    only its inputs: what the block runs every training step."""
-    v1, w1 = origin if origin is not None else (None, None)
-    vt, wt, filters = taps if taps is not None else (None, None, None)
-    v4, first, second = pw_kxk if pw_kxk is not None else (None, None, None)
-    v6, dw, pw, expansion = dws if dws is not None else (None, None, None, 1)
-    spec = (tuple(kernel_size), groups, expansion)
-    return _GenerateKernel.apply(spec, v1, w1, vt, wt, filters, v4, first, second, v6, dw, pw)
+    """The OREPA kernel from the block's *storage* layouts, as one autograd node (what a block runs every step).
+
+    Args (``None`` when the branch is absent):
+        origin: ``(v [O], W [O, I/g, *K])``.
+        taps: ``(scales, weights, filters)``: per-branch ``[O]`` scales and ``[O, I/g]`` weights of the 1x1
+            branches with a fixed spatial filter, and the filters stacked as ``[O, B, kk]``.
+        pw_kxk: ``(v, learned [t, I/g], identity [t, I/g], second [O, *K, t/g])``.
+        dws: ``(v, depthwise [e*I, 1, *K], pointwise [I, O/g, e], e)``.
+
+    Equals :func:`generate_kernel` on the natural layouts (:func:`natural_pw_kxk`, :func:`natural_dws_pointwise`).
+    """
+    tensors: list[Tensor] = []
+    if origin is not None:
+        tensors.extend(origin)
+    n_taps = 0
+    if taps is not None:
+        scales, weights, filters = taps
+        n_taps = len(weights)
+        for v, w in zip(scales, weights):
+            tensors.extend((v, w))
+        tensors.append(filters)
+    if pw_kxk is not None:
+        tensors.extend(pw_kxk)
+    expansion = 1
+    if dws is not None:
+        v6, dw, pw, expansion = dws
+        tensors.extend((v6, dw, pw))
+    if not tensors:
+        raise ValueError("generate_kernel_fused needs at least one branch")
+    spec = (tuple(kernel_size), groups, expansion, origin is not None, n_taps, (pw_kxk is not None, dws is not None))
+    return _GenerateKernel.apply(spec, *tensors)

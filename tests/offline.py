@@ -73,10 +73,10 @@ def branch_outputs(block, xp: Tensor) -> dict[str, Tensor]:
         elif b == "pw_kxk":
             first = kernels.stacked_identity(block.pw_kxk_width, c.in_channels, g, xp.dtype) + p["weight_pw_kxk_in"]
             y = conv(xp, first.reshape(*first.shape, *([1] * nd)), groups=g)
-            out[b] = conv(y, p["weight_pw_kxk"], stride=s, dilation=d, groups=g)
+            out[b] = conv(y, kernels.natural_pw_kxk(p["weight_pw_kxk"]), stride=s, dilation=d, groups=g)
         elif b == "dws":
             y = conv(xp, p["weight_dws_dw"], stride=s, dilation=d, groups=c.in_channels)
-            w = p["weight_dws_pw"]
+            w = kernels.natural_dws_pointwise(p["weight_dws_pw"], g)
             out[b] = conv(y, w.reshape(*w.shape, *([1] * nd)), groups=g)
     return out
 

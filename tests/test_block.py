@@ -94,9 +94,9 @@ def test_exposes_conv_attributes_and_guards_weight():
 def test_shapes_follow_paper_widths():
     dense = OREPAConv(nn.Conv2d(16, 32, 3, groups=4))
     assert dense.weight_pw_kxk_in.shape == (16, 4)  # t = I for g <= 4
-    assert dense.weight_pw_kxk.shape == (32, 4, 3, 3)
+    assert dense.weight_pw_kxk.shape == (32, 3, 3, 4)  # stored [O, *K, t/g]
     assert dense.weight_dws_dw.shape == (8 * 16, 1, 3, 3)
-    assert dense.weight_dws_pw.shape == (32, 8 * 4)
+    assert dense.weight_dws_pw.shape == (16, 8, 8)  # stored [I, O/g, e]
     dw = OREPAConv(nn.Conv2d(16, 16, 3, groups=16))
     assert dw.weight_pw_kxk_in.shape == (32, 1)  # t = 2I for g > 4
     custom = OREPAConv(nn.Conv2d(8, 8, 3), OREPAConfig(pw_kxk_width=3, dws_expansion=2, branches=("origin", "pw_kxk", "dws")))

@@ -26,9 +26,10 @@ def _branch_kernel(block: OREPAConv, branch: str) -> torch.Tensor:
         return kernels.expand_1x1(p[f"weight_{branch}"], kernels.tap_filter(branch, c.out_channels, K))
     if branch == "pw_kxk":
         first = kernels.stacked_identity(block.pw_kxk_width, c.in_channels, c.groups) + p["weight_pw_kxk_in"]
-        return kernels.compose_1x1_kxk(first, p["weight_pw_kxk"], c.groups)
+        return kernels.compose_1x1_kxk(first, kernels.natural_pw_kxk(p["weight_pw_kxk"]), c.groups)
     if branch == "dws":
-        return kernels.depthwise_pointwise_to_dense(p["weight_dws_dw"], p["weight_dws_pw"], c.groups, block.dws_expansion)
+        pointwise = kernels.natural_dws_pointwise(p["weight_dws_pw"], c.groups)
+        return kernels.depthwise_pointwise_to_dense(p["weight_dws_dw"], pointwise, c.groups, block.dws_expansion)
     raise AssertionError(branch)
 
 
@@ -115,21 +116,32 @@ def test_fused_generation_gradients_match_autograd(out_ch, in_ch, groups, kernel
     def r(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
 
-    filters = torch.randn(3, out_ch, math.prod(kernel_size), generator=g, dtype=torch.float64)
-    flat = [r(out_ch), r(out_ch, ig, *kernel_size), r(3, out_ch), r(3, out_ch, ig), r(out_ch), r(width, ig),
-            r(out_ch, width // groups, *kernel_size), r(out_ch), r(expansion * in_ch, 1, *kernel_size),
-            r(out_ch, expansion * ig)]
-
-    def branches(t):
-        return dict(origin=(t[0], t[1]), taps=(t[2], t[3], filters), pw_kxk=(t[4], t[5], t[6]),
-                    dws=(t[7], t[8], t[9], expansion))
+    taps = math.prod(kernel_size)
+    filters = torch.randn(out_ch, 3, taps, generator=g, dtype=torch.float64)
+    identity = kernels.stacked_identity(width, in_ch, groups)
+    flat = [r(out_ch), r(out_ch, ig, *kernel_size)]  # origin
+    flat += [t for _ in range(3) for t in (r(out_ch), r(out_ch, ig))]  # avg, prior, pw
+    flat += [r(out_ch), r(width, ig), r(out_ch, *kernel_size, width // groups)]  # pw_kxk (storage layout)
+    flat += [r(out_ch), r(expansion * in_ch, 1, *kernel_size), r(in_ch, out_ch // groups, expansion)]  # dws
 
     def fused(*t):
-        return kernels.generate_kernel_fused(kernel_size, groups, **branches(t))
+        return kernels.generate_kernel_fused(
+            kernel_size, groups, origin=(t[0], t[1]), taps=(t[2:8:2], t[3:8:2], filters),
+            pw_kxk=(t[8], t[9], identity, t[10]), dws=(t[11], t[12], t[13], expansion),
+        )
+
+    def reference(*t):
+        return kernels.generate_kernel(
+            kernel_size, groups, origin=(t[0], t[1]),
+            taps=(torch.stack(t[2:8:2]), torch.stack(t[3:8:2]), filters.transpose(0, 1)),
+            pw_kxk=(t[8], t[9] + identity, kernels.natural_pw_kxk(t[10])),
+            dws=(t[11], t[12], kernels.natural_dws_pointwise(t[13], groups), expansion),
+        )
 
     assert torch.autograd.gradcheck(fused, flat)
     upstream = torch.randn(out_ch, ig, *kernel_size, generator=g, dtype=torch.float64)
-    ref = torch.autograd.grad(kernels.generate_kernel(kernel_size, groups, **branches(flat)), flat, upstream)
+    assert rel_err(fused(*flat), reference(*flat)) <= 1e-12
+    ref = torch.autograd.grad(reference(*flat), flat, upstream)
     got = torch.autograd.grad(fused(*flat), flat, upstream)
     for a, b in zip(got, ref):
         assert rel_err(a, b) <= 1e-12

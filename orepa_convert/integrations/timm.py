@@ -34,3 +34,13 @@ def fx_autowrap_functions() -> tuple:
     except ImportError:
         return ()
     return tuple(getattr(_fx, "_autowrap_functions", ()))
+
+
+@functools.lru_cache(maxsize=None)
+def frozen_batchnorm_types() -> tuple[type[nn.Module], ...]:
+    """timm's frozen batch norms (not ``_BatchNorm`` subclasses); empty without timm."""
+    try:
+        from timm.layers.norm_act import FrozenBatchNorm2d, FrozenBatchNormAct2d
+    except ImportError:
+        return ()
+    return (FrozenBatchNorm2d, FrozenBatchNormAct2d)

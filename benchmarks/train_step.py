@@ -1,0 +1,163 @@
+"""Training-step cost of OREPA against plain training, and conversion / fold time.
+
+Protocol (each variant in its own process so its peak RSS is its own): fixed threads, ``--warmup`` steps,
+then the median of ``--steps`` timed steps (forward, backward, SGD with momentum); ``--rounds`` alternating
+rounds (plain, orepa, plain, orepa, ...), keeping each variant's smallest median and peak RSS.
+
+    python benchmarks/train_step.py                       # resnet18 b32@224 and yolov8n b16@256
+    python benchmarks/train_step.py --cases torchvision:resnet18@32x224 --json out.json
+
+The loss is the mean square of every output tensor: the same network compute as a task loss, without
+task-specific targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+DEFAULT_CASES = ["torchvision:resnet18@32x224", "yolov8n@16x256"]
+CONVERT_TIME_MODELS = ["yolov8x", "timm:resnet50"]
+
+
+def _tensors(out):
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        yield out
+    elif isinstance(out, dict):
+        for v in out.values():
+            yield from _tensors(v)
+    elif isinstance(out, (list, tuple)):
+        for v in out:
+            yield from _tensors(v)
+
+
+def worker(spec: str, variant: str, batch: int, imgsz: int, warmup: int, steps: int, threads: int) -> dict:
+    """Run inside a fresh process: time training steps of one variant and report peak RSS."""
+    import torch
+
+    from orepa_convert import convert_to_orepa
+    from orepa_convert.models import build_model
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_model(spec)
+    if variant == "orepa":
+        convert_to_orepa(model)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.randn(batch, 3, imgsz, imgsz)
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        loss = sum(t.float().square().mean() for t in _tensors(model(x)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {"median_ms": statistics.median(times) * 1e3, "peak_rss_mb": peak_mb, "steps": len(times)}
+
+
+def convert_fold_time(spec: str) -> dict:
+    import torch
+
+    from orepa_convert import convert_to_orepa, fold_orepa
+    from orepa_convert.models import build_model
+
+    model = build_model(spec)
+    t0 = time.perf_counter()
+    _, report = convert_to_orepa(model, return_report=True)
+    t1 = time.perf_counter()
+    fold_orepa(model)
+    t2 = time.perf_counter()
+    del torch
+    return {"model": spec, "converted": report.converted, "convert_s": t1 - t0, "fold_s": t2 - t1}
+
+
+def _run_worker(args: argparse.Namespace, spec: str, variant: str, batch: int, imgsz: int) -> dict:
+    cmd = [
+        sys.executable, __file__, "--worker", spec, variant, str(batch), str(imgsz),
+        "--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, metavar="MODEL@BATCHxIMGSZ")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--convert-models", nargs="*", default=CONVERT_TIME_MODELS)
+    parser.add_argument("--json", metavar="PATH")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:  # internal: one variant in this (fresh) process
+        spec, variant, batch, imgsz = argv[1:5]
+        rest = parser.parse_args(argv[5:])
+        print(json.dumps(worker(spec, variant, int(batch), int(imgsz), rest.warmup, rest.steps, rest.threads)))
+        return 0
+    args = parser.parse_args(argv)
+
+    import torch
+    from tqdm import tqdm
+
+    results = {"meta": {"date": date.today().isoformat(), "torch": torch.__version__, "threads": args.threads,
+                        "cpu": _cpu_name(), "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds},
+               "training": [], "convert_fold": []}
+    jobs = [(case, r, v) for case in args.cases for r in range(args.rounds) for v in ("plain", "orepa")]
+    best: dict[tuple[str, str], dict] = {}
+    for case, _, variant in tqdm(jobs, desc="training steps", unit="run"):
+        spec, _, shape = case.rpartition("@")
+        batch, imgsz = (int(v) for v in shape.split("x"))
+        res = _run_worker(args, spec, variant, batch, imgsz)
+        key = (case, variant)
+        prev = best.get(key)
+        best[key] = {
+            "median_ms": min(res["median_ms"], prev["median_ms"]) if prev else res["median_ms"],
+            "peak_rss_mb": min(res["peak_rss_mb"], prev["peak_rss_mb"]) if prev else res["peak_rss_mb"],
+        }
+    for case in args.cases:
+        p, o = best[(case, "plain")], best[(case, "orepa")]
+        results["training"].append({
+            "case": case, "plain_step_ms": p["median_ms"], "orepa_step_ms": o["median_ms"],
+            "time_ratio": o["median_ms"] / p["median_ms"], "plain_peak_rss_mb": p["peak_rss_mb"],
+            "orepa_peak_rss_mb": o["peak_rss_mb"], "rss_ratio": o["peak_rss_mb"] / p["peak_rss_mb"],
+        })
+    for spec in tqdm(args.convert_models, desc="convert/fold time", unit="model"):
+        results["convert_fold"].append(convert_fold_time(spec))
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
