@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) recipes/demo.py
+	$(PY) recipes/yolov8_orepa.py --project runs/demo --epochs 5
 
 test: setup
 	$(PY) -m pytest

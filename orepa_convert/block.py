@@ -323,9 +323,10 @@ class OREPAConv(nn.Module):
                 f"version {FORMAT_VERSION}; fold the model with the orepa_convert version that trained it"
             )
         branches = [b for i, b in enumerate(BRANCHES) if saved[1] >> i & 1] if len(saved) > 1 else "?"
+        width, expansion = (saved[2], saved[3]) if len(saved) >= 4 else ("?", "?")
         return (
-            f"OREPA block was saved with branches={branches}, pw_kxk_width={saved[2:3]}, "
-            f"dws_expansion={saved[3:4]} but this model has branches={list(self.branches)}, "
+            f"OREPA block was saved with branches={branches}, pw_kxk_width={width}, "
+            f"dws_expansion={expansion} but this model has branches={list(self.branches)}, "
             f"pw_kxk_width={self.pw_kxk_width}, dws_expansion={self.dws_expansion}; convert with the same "
             f"OREPAConfig before loading"
         )

@@ -1,4 +1,4 @@
-"""Command-line interface: ``orepa-convert inspect MODEL``."""
+"""Command-line interface: ``orepa-convert inspect MODEL`` and ``orepa-convert fold CHECKPOINT -o OUT``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .config import OREPAConfig
 from .convert import inspect_model
@@ -41,10 +42,56 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fold(args: argparse.Namespace) -> int:
+    import torch
+    from torch import nn
+
+    from .convert import convert_to_orepa
+    from .fold import fold_orepa
+    from .integrations import ultralytics as ul
+
+    source = Path(args.checkpoint)
+    if not source.is_file():
+        raise FileNotFoundError(f"{source} does not exist")
+    out = Path(args.output)
+    obj = torch.load(source, map_location="cpu", weights_only=False)  # unpickles: trusted files only (see --help)
+    if isinstance(obj, dict) and isinstance(obj.get("ema") or obj.get("model"), nn.Module):
+        ul.fold_checkpoint(source, out)
+        print(f"folded ultralytics checkpoint -> {out}")
+    elif isinstance(obj, nn.Module):
+        fold_orepa(obj, fuse_bn=args.fuse_bn)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(obj, out)
+        print(f"folded pickled module -> {out}")
+    elif isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if not args.model:
+            raise ValueError(f"{source} is a state_dict: give the architecture with --model (e.g. --model timm:resnet18)")
+        model = build_model(args.model, num_classes=args.num_classes)
+        convert_to_orepa(model, _config_from_args(args))
+        model.load_state_dict(obj, strict=True)
+        fold_orepa(model, fuse_bn=args.fuse_bn)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), out)
+        print(f"folded state_dict of {args.model} -> {out}")
+    else:
+        raise ValueError(f"{source}: expected an ultralytics checkpoint, a pickled module or a state_dict")
+    return 0
+
+
+def _add_selection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--init", choices=["preserve", "paper"], default="preserve")
+    p.add_argument("--include", nargs="+", metavar="GLOB", help="only convert module paths matching a glob")
+    p.add_argument("--exclude", nargs="+", metavar="GLOB", help="never convert module paths matching a glob")
+    p.add_argument("--kernel-sizes", nargs="+", type=int, metavar="K", help="only convert these square kernel sizes")
+    p.add_argument("--min-channels", type=int, default=0, metavar="N")
+    p.add_argument("--no-depthwise", action="store_true", help="leave depthwise convs alone")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="orepa-convert",
-        description="OREPA re-parameterization for PyTorch CNNs: inspect which convs would be converted.",
+        description="OREPA re-parameterization for PyTorch CNNs: inspect which convs would be converted, and fold "
+        "OREPA checkpoints back into plain ones.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,14 +103,26 @@ def build_parser() -> argparse.ArgumentParser:
         "timm:NAME or torchvision:NAME (built with random weights, nothing is downloaded).",
     )
     p.add_argument("model", help="yolov8n.yaml, path/to/model.pt, timm:resnet50, torchvision:resnet18, ...")
-    p.add_argument("--init", choices=["preserve", "paper"], default="preserve")
-    p.add_argument("--include", nargs="+", metavar="GLOB", help="only convert module paths matching a glob")
-    p.add_argument("--exclude", nargs="+", metavar="GLOB", help="never convert module paths matching a glob")
-    p.add_argument("--kernel-sizes", nargs="+", type=int, metavar="K", help="only convert these square kernel sizes")
-    p.add_argument("--min-channels", type=int, default=0, metavar="N")
-    p.add_argument("--no-depthwise", action="store_true", help="leave depthwise convs alone")
+    _add_selection_args(p)
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON ('-' for stdout only)")
     p.set_defaults(func=_inspect)
+    f = sub.add_parser(
+        "fold",
+        help="fold an OREPA checkpoint into a plain, stock one",
+        description="Fold every OREPA block of CHECKPOINT into its original conv and write the result to OUT: an "
+        "ultralytics checkpoint (last.pt / best.pt of an OREPA run) becomes a stock ultralytics checkpoint; a pickled "
+        "module (torch.save(model)) becomes the folded module; a state_dict of a converted model, with its "
+        "architecture given by --model (converted with the selection options below), becomes the plain state_dict. "
+        "WARNING: checkpoints and pickled modules are unpickled (torch.load(weights_only=False)), which runs code "
+        "from the file: only fold files you trust.",
+    )
+    f.add_argument("checkpoint", help="OREPA checkpoint, pickled module or state_dict (trusted files only)")
+    f.add_argument("-o", "--output", required=True, help="where to write the folded result")
+    f.add_argument("--model", help="architecture of a state_dict: timm:NAME, torchvision:NAME or an ultralytics YAML")
+    f.add_argument("--num-classes", type=int, help="number of classes of that architecture (timm/torchvision)")
+    f.add_argument("--fuse-bn", action="store_true", help="also fold each block's batch norm (modules and state_dicts)")
+    _add_selection_args(f)
+    f.set_defaults(func=_fold)
     return parser
 
 

@@ -176,6 +176,10 @@ def convert_to_orepa(
         if record.status == SELECTED:
             record.extra_params = _convert_one(match, config, root)
             record.status = CONVERTED
+    from .integrations import ultralytics as ul
+
+    if ul.is_ultralytics_wrapper(model):  # make the next .train() train this OREPA model
+        ul.record_conversion(model, config, report)
     logger.info("%s\n%s", report.summary(), report.table())
     if report.converted == 0 and report.already_converted == 0:
         reasons = ", ".join(f"{n} {r}" for r, n in report.reasons().most_common(4)) or "no conv modules"

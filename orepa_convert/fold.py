@@ -96,6 +96,10 @@ def fold_orepa(model: Any, fuse_bn: bool = False, *, return_report: bool = False
             else:
                 record.note = problem
         report.records.append(record)
+    from .integrations import ultralytics as ul
+
+    if ul.is_ultralytics_wrapper(model):  # its checkpoint and class too, so that yolo.save() writes a stock file
+        ul.finish_fold(model)
     logger.info("%s\n%s", report.summary(), report.table() if report.records else "")
     return (model, report) if return_report else model
 

@@ -1,0 +1,231 @@
+"""The ultralytics workflow end to end, offline, on tiny generated datasets (imgsz 64, CPU)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("ultralytics")
+from ultralytics import YOLO  # noqa: E402
+
+from models import tensors  # noqa: E402
+from offline import rel_err  # noqa: E402
+from orepa_convert import OREPAConv, convert_to_orepa, fold_orepa  # noqa: E402
+from orepa_convert.integrations import ultralytics as ul  # noqa: E402
+from orepa_convert.synthetic import make_dataset  # noqa: E402
+
+TRAIN = dict(imgsz=64, batch=4, workers=0, device="cpu", plots=False, amp=False, exist_ok=True, verbose=False)
+
+
+def _blocks(model) -> int:
+    return sum(isinstance(m, OREPAConv) for m in model.modules())
+
+
+def _reload(root: Path) -> YOLO:
+    """The trained OREPA model from best.pt, OREPA-aware again (a YOLO object with a trainer cannot be deep-copied)."""
+    model = YOLO(str(root / "runs" / "train" / "weights" / "best.pt"))
+    convert_to_orepa(model)
+    return model
+
+
+def _outputs(model, x):
+    """The primary prediction tensor(s) of an eval forward: the first element of every (nested) output."""
+    model = copy.deepcopy(model).eval().float()
+    with torch.no_grad():
+        out = model(x)
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    return torch.cat([t.flatten() for t in tensors(out)])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """yolov8n converted, trained for 2 epochs; also keeps a resumable copy of last.pt after epoch 1."""
+    root = tmp_path_factory.mktemp("yolo")
+    data = make_dataset(root / "data", "detect")
+    model = YOLO("yolov8n.yaml")
+    convert_to_orepa(model)
+    epoch1 = root / "epoch1.pt"
+
+    def keep_epoch1(trainer):
+        if trainer.epoch == 0 and not epoch1.exists():
+            shutil.copy(trainer.last, epoch1)
+
+    model.add_callback("on_model_save", keep_epoch1)
+    model.train(data=str(data), epochs=2, project=str(root / "runs"), name="train", **TRAIN)
+    return model, data, root, epoch1
+
+
+def test_train_keeps_orepa_and_writes_folded_best(trained):
+    model, data, root, _ = trained
+    weights = root / "runs" / "train" / "weights"
+    assert _blocks(model.model) == 39, "the YOLO object must hold the trained OREPA model"
+    assert isinstance(model, ul.OREPAModelMixin)
+    folded = torch.load(weights / "best_folded.pt", weights_only=False)
+    assert _blocks(folded["model"]) == 0 and "orepa" not in folded["model"].yaml
+    assert _blocks(torch.load(weights / "best.pt", weights_only=False)["model"]) == 39
+
+
+def test_scales_get_no_weight_decay_with_every_optimizer(trained):
+    model, data, root, _ = trained
+    trainer_cls = ul.orepa_trainer(model.task_map["detect"]["trainer"])
+    for name in ("SGD", "AdamW", "MuSGD"):
+        trainer = trainer_cls(overrides={"model": "yolov8n.yaml", "data": str(data), "optimizer": name,
+                                         "project": str(root / "runs"), "name": "opt", "exist_ok": True})
+        net = copy.deepcopy(model.model).train()
+        opt = trainer.build_optimizer(net, name=name, lr=0.01, momentum=0.9, decay=5e-4)
+        scales = {id(p) for m in net.modules() if isinstance(m, OREPAConv)
+                  for n, p in m.named_parameters(recurse=False) if n.startswith("scale_")}
+        decayed = {id(p) for g in opt.param_groups if g["weight_decay"] for p in g["params"]}
+        assert scales and not scales & decayed, name
+        assert sum(len(g["params"]) for g in opt.param_groups) == len(list(net.parameters()))
+
+
+def test_val_and_predict_on_unfolded_model_then_fold_gives_same_results(trained, tmp_path):
+    trained_model, data, root, _ = trained
+    x = torch.rand(1, 3, 64, 64)
+    model = _reload(root)
+    before = _outputs(model.model, x)
+    assert rel_err(_outputs(trained_model.model, x), before) <= 1e-6  # the object holds best.pt's weights
+    m1 = trained_model.val(data=str(data), imgsz=64, batch=4, device="cpu", plots=False, verbose=False)
+    p1 = trained_model.predict(str(root / "data" / "images" / "val"), imgsz=64, device="cpu", conf=0.0, verbose=False)
+    assert _blocks(trained_model.model) == 39, "val/predict must not fold the model in place"
+    fold_orepa(model)
+    assert _blocks(model.model) == 0 and type(model) is YOLO
+    assert rel_err(_outputs(model.model, x), before) <= 1e-5
+    m2 = model.val(data=str(data), imgsz=64, batch=4, device="cpu", plots=False, verbose=False)
+    p2 = model.predict(str(root / "data" / "images" / "val"), imgsz=64, device="cpu", conf=0.0, verbose=False)
+    assert abs(m1.box.map - m2.box.map) <= 1e-4 and abs(m1.box.map50 - m2.box.map50) <= 1e-4
+    for a, b in zip(p1, p2):
+        assert a.boxes.data.shape == b.boxes.data.shape
+        assert torch.allclose(a.boxes.data, b.boxes.data, atol=1e-3)
+    path = tmp_path / "folded.pt"
+    model.save(path)
+    assert _blocks(torch.load(path, weights_only=False)["model"]) == 0
+
+
+STOCK = r"""
+import json, sys
+import onnxruntime as ort, numpy as np, torch
+from ultralytics import YOLO
+path, data, imgs = sys.argv[1:4]
+m = YOLO(path)
+metrics = m.val(data=data, imgsz=64, batch=4, device="cpu", plots=False, verbose=False)
+res = m.predict(imgs, imgsz=64, device="cpu", verbose=False)
+onnx = m.export(format="onnx", imgsz=64, simplify=False, device="cpu")
+x = np.random.RandomState(0).rand(1, 3, 64, 64).astype(np.float32)
+ort_out = ort.InferenceSession(onnx, providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+model = m.model.float().eval()
+with torch.no_grad():
+    ref = model(torch.from_numpy(x))[0].numpy()
+print(json.dumps({"orepa_imported": any(k.startswith("orepa_convert") for k in sys.modules), "map": metrics.box.map,
+                  "n_pred": len(res), "onnx": onnx, "ort_rel": float(np.abs(ort_out - ref).max() / np.abs(ref).max())}))
+"""
+
+
+def test_folded_checkpoint_works_in_stock_ultralytics_and_onnx(trained, tmp_path):
+    model, data, root, _ = trained
+    folded = tmp_path / "deploy.pt"
+    model = _reload(root)
+    fold_orepa(model)
+    model.save(folded)
+    env = {**os.environ, "YOLO_OFFLINE": "1", "PYTHONPATH": ""}
+    out = subprocess.run([sys.executable, "-c", STOCK, str(folded), str(data), str(root / "data" / "images" / "val")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["orepa_imported"] is False
+    assert result["n_pred"] == 4
+    assert result["ort_rel"] <= 1e-4
+    # same ONNX graph as a plain model of the same architecture
+    onnx = pytest.importorskip("onnx")
+    plain = YOLO(str(folded))
+    from ultralytics.nn.tasks import DetectionModel
+
+    plain.model.load_state_dict(DetectionModel("yolov8n.yaml", nc=2, verbose=False).state_dict())
+    plain_onnx = plain.export(format="onnx", imgsz=64, simplify=False, device="cpu")
+    ops = lambda p: Counter(n.op_type for n in onnx.load(p).graph.node)  # noqa: E731
+    assert ops(result["onnx"]) == ops(plain_onnx)
+
+
+def test_resume_continues_with_orepa_structure_and_optimizer(trained, tmp_path):
+    _, data, root, epoch1 = trained
+    assert epoch1.exists()
+    ckpt = torch.load(epoch1, weights_only=False)
+    assert ckpt["epoch"] == 0 and ckpt["optimizer"] is not None
+    resumed = YOLO(str(epoch1))
+    assert _blocks(resumed.model) == 39
+    convert_to_orepa(resumed)  # restores OREPA training on an OREPA checkpoint; converts nothing new
+    assert _blocks(resumed.model) == 39
+    resumed.train(resume=True, **{k: v for k, v in TRAIN.items() if k in ("workers", "device")})
+    assert _blocks(resumed.model) == 39
+    assert resumed.trainer.start_epoch == 1 and resumed.trainer.epoch == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task, cfg", [("segment", "yolov8n-seg.yaml"), ("pose", "yolov8n-pose.yaml"),
+                                       ("classify", "yolov8n-cls.yaml"), ("obb", "yolov8n-obb.yaml"),
+                                       ("detect", "yolo11n.yaml"), ("detect", "yolo26n.yaml"),
+                                       ("detect", "yolov10n.yaml")])
+def test_every_task_trains_and_folds(task, cfg, tmp_path):
+    data = make_dataset(tmp_path / "data", task)
+    model = YOLO(cfg)
+    _, report = convert_to_orepa(model, return_report=True)
+    model.train(data=str(data), epochs=1, project=str(tmp_path / "runs"), name=task, **TRAIN)
+    assert _blocks(model.model) == report.converted > 0
+    x = torch.rand(1, 3, 64, 64)
+    before = _outputs(model.model, x)
+    fold_orepa(model)
+    assert _blocks(model.model) == 0
+    assert rel_err(_outputs(model.model, x), before) <= 1e-5
+    model.model.fuse()  # ultralytics' own fuse (RepVGGDW in YOLOv10 included) works on the folded model
+
+
+def test_rtdetr_repconv_fuse_needs_fold_and_works_after():
+    from ultralytics import RTDETR
+
+    model = RTDETR("rtdetr-l.yaml")
+    _, report = convert_to_orepa(model, return_report=True)
+    assert report.converted == _blocks(model.model) > 0
+    with pytest.raises(AttributeError, match="fold_orepa"):
+        copy.deepcopy(model.model).fuse()  # never a silently wrong fuse
+    x = torch.rand(1, 3, 64, 64)
+
+    def features(net):
+        """Every layer's output before the decoder (whose top-k query selection is discontinuous)."""
+        seen = []
+        hooks = [layer.register_forward_hook(lambda m, i, o: seen.extend(tensors(o))) for layer in net.model[:-1]]
+        _outputs(net, x)  # deep-copies the net: the hooks travel with it
+        for h in hooks:
+            h.remove()
+        return seen
+
+    before = features(model.model)
+    fold_orepa(model)
+    model.model.fuse()
+    after = features(model.model)
+    assert len(after) == len(before) > 0
+    assert max(rel_err(a, b) for a, b in zip(after, before)) <= 1e-4
+
+
+def test_fold_checkpoint_cli(trained, tmp_path):
+    from orepa_convert.cli import main
+
+    _, _, root, _ = trained
+    src = root / "runs" / "train" / "weights" / "best.pt"
+    out = tmp_path / "stock.pt"
+    assert main(["fold", str(src), "-o", str(out)]) == 0
+    ckpt = torch.load(out, weights_only=False)
+    assert _blocks(ckpt["model"]) == 0 and ckpt["optimizer"] is None
+    expected = fold_orepa(torch.load(src, weights_only=False)["model"])
+    got = ckpt["model"].state_dict()
+    assert all(torch.equal(got[k], v) for k, v in expected.state_dict().items())
+    assert main(["fold", str(tmp_path / "missing.pt"), "-o", str(out)]) == 2
