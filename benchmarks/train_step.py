@@ -8,7 +8,7 @@ rounds (plain, orepa, plain, orepa, ...), keeping each variant's smallest median
     python benchmarks/train_step.py --cases torchvision:resnet18@32x224 --json out.json
 
 The loss is the mean square of every output tensor: the same network compute as a task loss, without
-task-specific targets.
+task-specific targets. Every variant runs with ``torch.set_flush_denormal(True)`` (see benchmarks/latency.py).
 """
 
 from __future__ import annotations
@@ -16,30 +16,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from datetime import date
+from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from benchmarks.common import cpu_name, peak_rss_mb, proxy_loss, run_worker  # noqa: E402
 
 DEFAULT_CASES = ["torchvision:resnet18@32x224", "yolov8n@16x256"]
 CONVERT_TIME_MODELS = ["yolov8x", "timm:resnet50"]
-
-
-def _tensors(out):
-    import torch
-
-    if isinstance(out, torch.Tensor):
-        yield out
-    elif isinstance(out, dict):
-        for v in out.values():
-            yield from _tensors(v)
-    elif isinstance(out, (list, tuple)):
-        for v in out:
-            yield from _tensors(v)
 
 
 def worker(spec: str, variant: str, batch: int, imgsz: int, warmup: int, steps: int, threads: int) -> dict:
@@ -50,6 +39,7 @@ def worker(spec: str, variant: str, batch: int, imgsz: int, warmup: int, steps: 
     from orepa_convert.models import build_model
 
     torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)  # see benchmarks/latency.py: same setting for every variant
     torch.manual_seed(0)
     model = build_model(spec)
     if variant == "orepa":
@@ -60,14 +50,13 @@ def worker(spec: str, variant: str, batch: int, imgsz: int, warmup: int, steps: 
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        loss = sum(t.float().square().mean() for t in _tensors(model(x)))
+        loss = proxy_loss(model(x))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"median_ms": statistics.median(times) * 1e3, "peak_rss_mb": peak_mb, "steps": len(times)}
+    return {"median_ms": statistics.median(times) * 1e3, "peak_rss_mb": peak_rss_mb(), "steps": len(times)}
 
 
 def convert_fold_time(spec: str) -> dict:
@@ -87,13 +76,8 @@ def convert_fold_time(spec: str) -> dict:
 
 
 def _run_worker(args: argparse.Namespace, spec: str, variant: str, batch: int, imgsz: int) -> dict:
-    cmd = [
-        sys.executable, __file__, "--worker", spec, variant, str(batch), str(imgsz),
-        "--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    extra = ["--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads)]
+    return run_worker(__file__, [spec, variant, str(batch), str(imgsz), *extra], args.threads)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     results = {"meta": {"date": date.today().isoformat(), "torch": torch.__version__, "threads": args.threads,
-                        "cpu": _cpu_name(), "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds},
+                        "cpu": cpu_name(), "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds},
                "training": [], "convert_fold": []}
     jobs = [(case, r, v) for case in args.cases for r in range(args.rounds) for v in ("plain", "orepa")]
     best: dict[tuple[str, str], dict] = {}
@@ -146,17 +130,6 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w", encoding="utf-8") as fh:
             fh.write(text + "\n")
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

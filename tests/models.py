@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 from torch import nn
 
-
-def tensors(out):
-    """Every tensor of a (nested) model output."""
-    if isinstance(out, torch.Tensor):
-        yield out
-    elif isinstance(out, dict):
-        for v in out.values():
-            yield from tensors(v)
-    elif isinstance(out, (list, tuple)):
-        for v in out:
-            yield from tensors(v)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import tensors  # noqa: E402,F401  (shared with the benchmarks)
 
 
 def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:

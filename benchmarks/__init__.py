@@ -1,0 +1,1 @@
+"""Benchmarks of orepa_convert (not part of the installed package)."""

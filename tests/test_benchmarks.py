@@ -1,0 +1,34 @@
+"""A --quick CPU run of benchmarks/latency.py: the JSON shape and the invariants it must show."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import latency  # noqa: E402
+
+META = {"device", "device_name", "torch", "dtype", "date", "memory"}
+INFERENCE = {"model", "batch", "imgsz", "dtype", "plain_ms", "orepa_ms", "folded_ms", "fold_max_abs_err",
+             "params_plain", "params_orepa", "params_folded"}
+TRAINING = {"model", "batch", "imgsz", "plain_step_ms", "orepa_step_ms", "offline_step_ms", "plain_peak_mb",
+            "orepa_peak_mb", "offline_peak_mb"}
+
+
+def test_quick_cpu_run(tmp_path):
+    out, md, png = tmp_path / "r.json", tmp_path / "r.md", tmp_path / "r.png"
+    code = latency.main(["--quick", "--device", "cpu", "--models", "torchvision:mobilenet_v3_small", "--batch", "2",
+                         "--imgsz", "64", "--threads", "2", "--json", str(out), "--markdown", str(md), "--plot", str(png)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert META <= set(data["meta"]) and data["meta"]["device"] == "cpu" and data["meta"]["memory"] == "rss"
+    (inf,) = data["inference"]
+    (train,) = data["training"]
+    assert INFERENCE <= set(inf) and TRAINING <= set(train)
+    assert inf["params_folded"] == inf["params_plain"] < inf["params_orepa"]
+    assert inf["fold_rel_err"] <= 1e-5 and inf["fold_max_abs_err"] >= 0
+    assert all(train[k] > 0 for k in TRAINING if k.endswith(("_ms", "_mb")))
+    assert "| torchvision:mobilenet_v3_small | 2 | 64 |" in md.read_text()
+    assert png.stat().st_size > 10_000
