@@ -335,7 +335,8 @@ def _denormal_guard_unit(grad: Tensor) -> float:
     entry (GPUs process denormals at full speed; ordinary gradients are far from underflow)."""
     if grad.device.type != "cpu" or torch.compiler.is_compiling():
         return 1.0
-    largest = grad.abs().amax().item()
+    low, high = (v.item() for v in torch.aminmax(grad))  # one pass, no temporary
+    largest = max(-low, high)
     if largest == 0.0 or largest >= 2.0**-60 or not math.isfinite(largest):
         return 1.0
     return 2.0 ** math.floor(math.log2(largest))
