@@ -68,7 +68,7 @@ def main() -> int:
         block = OREPAConv(nn.Conv2d(c, c, k, padding=k // 2, groups=args.groups, bias=False),
                           OREPAConfig(init="paper", branches=branches))
         fwd = _median_ms(block.generate_kernel, args.iters)
-        both = _median_ms(lambda: _fwd_bwd(block), args.iters)
+        both = _median_ms(lambda b=block: _fwd_bwd(b), args.iters)
         print(f"{'+'.join(branches):45s} {fwd:8.1f} {both:11.1f}")
     conv = nn.Conv2d(c, c, k, padding=k // 2, groups=args.groups, bias=False)
     x = torch.randn(args.batch, c, args.hw, args.hw)

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 # Attributes every conv module has; anything else on a conv (e.g. ultralytics' i, f, type, np on a
 # top-level layer) is framework state that the block carries while it stands in the conv's place.
-_CONV_ATTRIBUTES = frozenset(nn.Conv2d(1, 1, 1).__dict__) | {"_conv_forward"}
+_CONV_ATTRIBUTES = frozenset(nn.Conv2d(1, 1, 1).__dict__)
 
 
 def unwrap_model(model: Any) -> nn.Module:

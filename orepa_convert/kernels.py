@@ -251,11 +251,10 @@ def _fused_forward(spec, p: dict) -> Tensor:
     kernel_size, g, e, has_origin, n_taps, (has_pw, has_dws) = spec
     O, ig, kk = p["O"], p["ig"], p["kk"]
     og = O // g
-    ref = p["w1"] if has_origin else (p["taps_w"][0] if n_taps else (p["second"] if has_pw else p["pw"]))
     if has_origin:
         kernel = (p["w1"].reshape(O, ig * kk) * p["v1"].unsqueeze(1)).view(O, ig, kk)
     else:
-        kernel = ref.new_zeros(O, ig, kk)
+        kernel = p["filters" if n_taps else ("second" if has_pw else "pw")].new_zeros(O, ig, kk)
     if n_taps:
         a = torch.stack(p["taps_w"], -1) * torch.stack(p["taps_v"], -1).unsqueeze(1)  # [O, I/g, B]
         kernel.baddbmm_(a, p["filters"])

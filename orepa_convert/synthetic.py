@@ -74,7 +74,7 @@ def make_dataset(root: str | Path, task: str = "detect", n_train: int = 8, n_val
             (root / "labels" / split / f"{i:04d}.txt").write_text(text + "\n", encoding="utf-8")
     if task == "classify":
         for split in ("train", "val"):  # every class present in every split
-            for cls, name in NAMES.items():
+            for name in NAMES.values():
                 folder = root / split / name
                 if not folder.exists() or not any(folder.iterdir()):
                     folder.mkdir(parents=True, exist_ok=True)

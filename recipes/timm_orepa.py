@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import glob
 import json
 import os
 import sys
@@ -79,7 +80,7 @@ def build(args: argparse.Namespace, num_classes: int, converted_paths: list[str]
     model = timm.create_model(args.model, pretrained=False, num_classes=num_classes)
     if args.pretrained_checkpoint:
         _load_plain_weights(model, args.pretrained_checkpoint)
-    include = [p.replace("[", "[[]") for p in converted_paths] if converted_paths else ()
+    include = [glob.escape(p) for p in converted_paths] if converted_paths else ()
     _, report = convert_to_orepa(model, OREPAConfig(init=args.init, seed=args.seed), include=include, return_report=True)
     paths = [r.path for r in report.records if r.status == "converted"]
     return model, paths

@@ -5,7 +5,6 @@ The input is padded exactly as the conv pads it, then each branch runs its own o
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

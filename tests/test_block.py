@@ -304,3 +304,17 @@ def test_config_replace_and_kernel_filter():
     with pytest.raises(TypeError, match="unknown OREPAConfig field"):
         cfg.replace(colour="red")
     assert cfg.replace(seed=4).seed == 4
+
+
+@pytest.mark.parametrize("branches", [("avg",), ("prior",), ("pw_kxk",), ("pw",), ("dws",), ("avg", "dws"), ("origin", "prior")])
+def test_branch_subsets_match_feature_maps_and_fold(branches):
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=True).double()
+    block = _randomise(OREPAConv(conv, OREPAConfig(init="paper", branches=branches)))
+    assert block.branches == branches
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    y = block(x)
+    y.sum().backward()
+    assert all(p.grad is not None for p in block.parameters())
+    assert rel_err(y, offline_block(block, x)) <= 1e-12
+    with torch.no_grad():
+        assert rel_err(block.fold()(x), y) <= 1e-12

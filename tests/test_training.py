@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import socket
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -90,6 +89,6 @@ def test_ddp_two_cpu_ranks_without_find_unused_parameters():
     queue = ctx.SimpleQueue()
     mp.start_processes(_ddp_worker, args=(2, port, queue), nprocs=2, join=True, start_method="spawn")
     results = sorted(queue.get() for _ in range(2))
-    for rank, diff, blocks_left in results:
+    for _rank, diff, blocks_left in results:
         assert diff == 0.0, "ranks diverged"
         assert blocks_left == 0

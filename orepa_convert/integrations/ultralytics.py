@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import glob
 import importlib
 import logging
 import os
@@ -127,7 +128,7 @@ def apply_spec(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
 
     paths = spec.get("paths") or []
     config = OREPAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()})
-    _, report = convert_to_orepa(model, config, include=[_glob_escape(p) for p in paths] or (), return_report=True)
+    _, report = convert_to_orepa(model, config, include=[glob.escape(p) for p in paths] or (), return_report=True)
     got = {r.path for r in report.records if r.status in ("converted", "already converted")}
     missing = sorted(set(paths) - got)
     if missing:
@@ -137,10 +138,6 @@ def apply_spec(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
         )
     model.yaml[OREPA_KEY] = make_spec(config, sorted(got))
     return model
-
-
-def _glob_escape(path: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in path)
 
 
 def record_conversion(wrapper: Any, config: Any, report: Any) -> None:
@@ -184,8 +181,7 @@ class OREPATrainerMixin:
         if spec is None:  # a plain model given to an OREPA trainer: convert every eligible conv with defaults
             from ..config import OREPAConfig
 
-            spec = {"format": SPEC_FORMAT, "config": {}, "paths": []}
-            spec["config"] = make_spec(OREPAConfig(), [])["config"]
+            spec = make_spec(OREPAConfig(), [])
         if isinstance(cfg, dict):
             cfg = {k: v for k, v in cfg.items() if k != OREPA_KEY}
         if has_blocks(weights):
@@ -264,9 +260,9 @@ def exempt_scales_from_weight_decay(optimizer: torch.optim.Optimizer, model: nn.
         )
         if target is None:
             new = {k: v for k, v in group.items() if k != "params"}
-            new.update(weight_decay=0.0, param_group="bn", use_muon=False) if "use_muon" in group else new.update(
-                weight_decay=0.0, param_group="bn")
-            new["params"] = out
+            new.update(params=out, weight_decay=0.0, param_group="bn")
+            if "use_muon" in group:
+                new["use_muon"] = False
             optimizer.add_param_group(new)
         else:
             target["params"].extend(out)
