@@ -57,7 +57,7 @@ def randomise_scales(model: torch.nn.Module, std: float = 0.1, seed: int = 0) ->
         for block in (m for m in model.modules() if isinstance(m, OREPAConv)):
             for branch in block.branches:
                 if branch != "origin":
-                    scale = getattr(block, f"scale_{branch}")
+                    scale = block.scale(branch)
                     scale.copy_(torch.randn(scale.shape, generator=gen) * std)
 
 

@@ -15,10 +15,9 @@ from . import kernels
 from .config import BRANCHES, PAPER_SCALE_INIT, OREPAConfig
 
 #: Version of the block's state_dict layout; stored in every block's extra state.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 _PLAIN_CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_TAP_BRANCHES = ("avg", "prior", "pw")  # 1x1 branches whose kxk form is a fixed per-channel filter
 
 
 def _same_padding_convs() -> tuple[type[nn.Module], ...]:
@@ -65,6 +64,14 @@ def branch_parameter_count(conv: nn.Module, config: OREPAConfig) -> int:
     return sum(sizes[b] + out_channels for b in config.branches)  # + one scale vector per branch
 
 
+def _needs_exact_context(device: torch.device) -> bool:
+    """Whether autocast or a reduced float32 matmul precision is active (so :func:`_exact_generation` has
+    something to switch off)."""
+    if torch.is_autocast_enabled(device.type):
+        return True
+    return not torch.compiler.is_compiling() and torch.get_float32_matmul_precision() != "highest"
+
+
 @contextlib.contextmanager
 def _exact_generation(device: torch.device) -> Iterator[None]:
     """Autocast off and full-precision float32 matmuls (no TF32 / reduced precision) while generating."""
@@ -85,8 +92,10 @@ class OREPAConv(nn.Module):
     The wrapped conv keeps its class, hyper-parameters and forward semantics (padding mode, run-time
     'same' padding of timm's ``Conv2dSame``); only its weight is generated. ``fold()`` (alias ``fuse()``,
     which timm's ``reparameterize_model`` calls) returns that conv with the generated kernel, computed in
-    float64. Parameters: ``weight_<branch>`` tensors and ``scale_<branch>`` vectors ``[O]``, plus the
-    conv's ``bias`` when it has one.
+    float64. Parameters: ``weight_origin``, ``weight_taps`` (the 1x1 weights of ``avg``/``prior``/``pw``
+    stacked on the last axis), ``weight_pw_kxk_in``/``weight_pw_kxk``, ``weight_dws_dw``/``weight_dws_pw``,
+    one 1-D ``scales`` vector holding every branch's per-channel scale (:meth:`scale`), and the conv's ``bias``
+    when it has one. Few, large tensors keep the per-step and per-optimizer-step overhead low.
 
     Args:
         conv: an ``nn.Conv1d/2d/3d`` (exact class) or timm ``Conv2dSame`` with more than one kernel tap.
@@ -128,14 +137,17 @@ class OREPAConv(nn.Module):
             data = torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=gen)
             return nn.Parameter(data.to(device=weight.device, dtype=weight.dtype), weight.requires_grad)
 
+        taps = [b for b in self.branches if b in kernels.TAP_BRANCHES]
         for branch in self.branches:
             if branch == "origin":
                 if config.init == "preserve":
                     self.weight_origin = weight  # the very same Parameter: exact, and no copy
                 else:
                     self.weight_origin = random(out_channels, in_per_group, *kernel_size, fan_in=in_per_group * num_taps)
-            elif branch in _TAP_BRANCHES:
-                setattr(self, f"weight_{branch}", random(out_channels, in_per_group, fan_in=in_per_group))
+            elif branch in taps[:1]:
+                # the 1x1 weights of every fixed-filter branch, stacked on the last axis [O, I/g, B]
+                columns = [random(out_channels, in_per_group, 1, fan_in=in_per_group) for _ in taps]
+                self.weight_taps = nn.Parameter(torch.cat(columns, -1), weight.requires_grad)
             elif branch == "pw_kxk":
                 zeros = torch.zeros(width, in_per_group, device=weight.device, dtype=weight.dtype)
                 self.weight_pw_kxk_in = nn.Parameter(zeros, weight.requires_grad)
@@ -149,13 +161,14 @@ class OREPAConv(nn.Module):
                 self.weight_dws_pw = random(
                     in_channels, out_channels // groups, expansion, fan_in=expansion * in_per_group
                 )
-        for branch in self.branches:
-            if config.init == "preserve":
-                value = 1.0 if branch == "origin" else 0.0
-            else:
-                value = PAPER_SCALE_INIT[branch]
-            scale = torch.full((out_channels,), value, device=weight.device, dtype=weight.dtype)
-            setattr(self, f"scale_{branch}", nn.Parameter(scale, weight.requires_grad))
+        if config.init == "preserve":
+            values = [1.0 if b == "origin" else 0.0 for b in self.branches]
+        else:
+            values = [PAPER_SCALE_INIT[b] for b in self.branches]
+        scales = torch.tensor(values, dtype=torch.float64).repeat_interleave(out_channels)
+        # one 1-D parameter [n * O]; row j of its [n, O] view scales branch j (see scale())
+        self.scales = nn.Parameter(scales.to(device=weight.device, dtype=weight.dtype), weight.requires_grad)
+        self._plan = kernels.generation_plan(weight.shape, groups, self.branches, expansion)
 
         # Take the conv over: its weight is generated from now on, its bias lives here.
         bias = conv._parameters["bias"] if "bias" in conv._parameters else None
@@ -194,14 +207,32 @@ class OREPAConv(nn.Module):
             )
         super().__setattr__(name, value)
 
+    # ------------------------------------------------------------------ branches
+    def scale(self, branch: str) -> Tensor:
+        """The per-output-channel scale ``[O]`` of ``branch``: a view into ``scales`` (in-place edits apply)."""
+        return self.scales.view(len(self.branches), -1)[self._branch_index(branch)]
+
+    def branch_weight(self, branch: str) -> Tensor:
+        """The weight of a fixed-filter 1x1 branch (``avg``, ``prior``, ``pw``) as ``[O, I/g]``: a view into
+        ``weight_taps``."""
+        taps = [b for b in self.branches if b in kernels.TAP_BRANCHES]
+        if branch not in taps:
+            raise ValueError(f"{branch!r} is not a fixed-filter 1x1 branch of this block (it has {taps})")
+        return self.weight_taps[..., taps.index(branch)]
+
+    def _branch_index(self, branch: str) -> int:
+        if branch not in self.branches:
+            raise ValueError(f"this block has no branch {branch!r}; its branches are {self.branches}")
+        return self.branches.index(branch)
+
     # ------------------------------------------------------------------ kernel generation
     def _constants(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
-        """Fixed tap filters ``[B, O, kk]`` and the 1x1->kxk identity ``[t, I/g]``, built once per device and
+        """Fixed tap filters ``[O, B, kk]`` and the 1x1->kxk identity ``[t, I/g]``, built once per device and
         dtype in float64 and kept out of the state_dict (so a ``.half()`` round trip never rounds them)."""
         cache = self.__dict__.setdefault("_constant_cache", {})
         key = (device, dtype)
         if key not in cache:
-            tap_names = [b for b in self.branches if b in _TAP_BRANCHES]
+            tap_names = [b for b in self.branches if b in kernels.TAP_BRANCHES]
             filters = None
             if tap_names:
                 filters = torch.stack(
@@ -220,31 +251,22 @@ class OREPAConv(nn.Module):
         It is computed in ``compute_dtype`` (default: float32, or float64 for float64 parameters) with
         autocast off and full-precision matmuls, so mixed precision never changes the trained function.
         """
+        # Runs every training step: kept to a few dictionary lookups before the one autograd node.
         params = self._parameters
-        ref = next(p for p in params.values() if p is not None)
-        if compute_dtype is None:
-            compute_dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
-        with _exact_generation(ref.device):
-
-            def get(name: str) -> Tensor:
-                return params[name].to(compute_dtype)
-
-            filters, identity = self._constants(ref.device, compute_dtype)
-            origin = taps = pw_kxk = dws = None
-            b = self.branches
-            if "origin" in b:
-                origin = (get("scale_origin"), get("weight_origin"))
-            tap_names = [name for name in b if name in _TAP_BRANCHES]
-            if tap_names:
-                taps = ([get(f"scale_{n}") for n in tap_names], [get(f"weight_{n}") for n in tap_names], filters)
-            if "pw_kxk" in b:
-                pw_kxk = (get("scale_pw_kxk"), get("weight_pw_kxk_in"), identity, get("weight_pw_kxk"))
-            if "dws" in b:
-                dws = (get("scale_dws"), get("weight_dws_dw"), get("weight_dws_pw"), self.dws_expansion)
-            kernel = kernels.generate_kernel_fused(
-                self.kernel_size, self.groups, origin=origin, taps=taps, pw_kxk=pw_kxk, dws=dws
-            )
-        return kernel.to(ref.dtype)
+        scales = params["scales"]
+        dtype = compute_dtype or (torch.float64 if scales.dtype == torch.float64 else torch.float32)
+        filters, identity = self._constants(scales.device, dtype)
+        tensors = [scales, params.get("weight_origin"), params.get("weight_taps"), filters,
+                   params.get("weight_pw_kxk_in"), identity, params.get("weight_pw_kxk"),
+                   params.get("weight_dws_dw"), params.get("weight_dws_pw")]  # fmt: skip
+        if scales.dtype != dtype or any(t is not None and t.dtype != dtype for t in tensors):
+            tensors = [t if t is None else t.to(dtype) for t in tensors]
+        if _needs_exact_context(scales.device):
+            with _exact_generation(scales.device):
+                kernel = kernels.generate_kernel_fused(self._plan, *tensors)
+        else:
+            kernel = kernels.generate_kernel_fused(self._plan, *tensors)
+        return kernel if kernel.dtype == scales.dtype else kernel.to(scales.dtype)
 
     def _cache_key(self) -> tuple:
         return tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in self._parameters.values() if p is not None)

@@ -9,16 +9,16 @@ from typing import Any, Literal
 
 from torch import nn
 
-#: The six linear branches of an OREPA block, in canonical order.
-BRANCHES: tuple[str, ...] = ("origin", "avg", "prior", "pw_kxk", "pw", "dws")
+#: The six linear branches of an OREPA block, in canonical order (also the order of a block's scale rows).
+BRANCHES: tuple[str, ...] = ("origin", "avg", "prior", "pw", "pw_kxk", "dws")
 
 #: Per-branch scale initialisation of the paper ("paper" init).
 PAPER_SCALE_INIT: dict[str, float] = {
     "origin": 0.25,
     "avg": 0.25,
     "prior": 0.0,
-    "pw_kxk": 0.5,
     "pw": 1.0,
+    "pw_kxk": 0.5,
     "dws": 0.5,
 }
 

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from .config import BRANCHES
 
 
 def num_taps(kernel_size: Sequence[int]) -> int:
@@ -196,143 +199,153 @@ def natural_dws_pointwise(pointwise: Tensor, groups: int) -> Tensor:
     return pointwise.reshape(groups, ig, og, e).permute(0, 2, 1, 3).reshape(groups * og, ig * e)
 
 
+#: The 1x1 branches whose kxk form is a fixed per-output-channel filter (adjacent in :data:`BRANCHES`).
+TAP_BRANCHES: tuple[str, ...] = ("avg", "prior", "pw")
+
+
+class GenerationPlan(NamedTuple):
+    """Static description of one block's kernel generation, built once per block.
+
+    ``shape`` is the kernel shape ``[O, I/g, *K]``; ``rows`` gives the row of ``scales [n, O]`` of the origin
+    branch, of the first fixed-filter 1x1 branch, of ``pw_kxk`` and of ``dws`` (-1 when absent); ``num_taps``
+    is the number of fixed-filter 1x1 branches (their rows follow each other).
+    """
+
+    shape: tuple[int, ...]
+    out_channels: int
+    in_per_group: int
+    kernel_taps: int  # kk
+    groups: int
+    num_branches: int
+    rows: tuple[int, int, int, int]
+    num_taps: int
+    expansion: int
+
+
+def generation_plan(shape: Sequence[int], groups: int, branches: Sequence[str], expansion: int) -> GenerationPlan:
+    """The :class:`GenerationPlan` of a block with kernel ``shape`` and ``branches`` (scale rows in
+    :data:`~orepa_convert.config.BRANCHES` order)."""
+    order = [b for b in BRANCHES if b in branches]
+    if not order:
+        raise ValueError(f"a generation plan needs at least one of the branches {BRANCHES}, got {branches!r}")
+    taps = [b for b in order if b in TAP_BRANCHES]
+    rows = tuple(order.index(b) if b in order else -1 for b in ("origin", taps[0] if taps else "", "pw_kxk", "dws"))
+    return GenerationPlan(
+        tuple(shape), shape[0], shape[1], math.prod(shape[2:]), groups, len(order), rows, len(taps), expansion  # type: ignore[arg-type]
+    )
+
+
 class _GenerateKernel(torch.autograd.Function):
     """The per-step OREPA kernel as one autograd node.
 
-    It works on the block's storage layouts (1x1->kxk second factor ``[O, *K, t/g]``, depthwise-separable
-    pointwise ``[I, O/g, e]``), which make every product a plain ``bmm`` whose result is already in the layout
-    of what it feeds. Backward keeps only the inputs (no kernel-sized intermediates) and recomputes the rest.
+    It works on the block's storage layouts (fixed-filter 1x1 weights stacked ``[O, I/g, B]``, 1x1->kxk second
+    factor ``[O, *K, t/g]``, depthwise-separable pointwise ``[I, O/g, e]``, scales ``[n, O]``), which make every
+    product a plain ``bmm``. Each scale multiplies inside an ``addcmul``/``bmm`` rather than in a pass of its own.
+    Backward keeps only the inputs (and the small ``[t, I/g]`` first factor) and recomputes the rest.
     """
 
     @staticmethod
-    def forward(ctx, spec, *tensors):  # type: ignore[override]
-        ctx.spec = spec
-        ctx.save_for_backward(*tensors)
-        parts = _unpack(spec, tensors)
-        return _fused_forward(spec, parts).view(parts["O"], parts["ig"], *spec[0])
+    def forward(ctx, plan, scales, origin, taps, filters, pw_in, identity, pw, dws_dw, dws_pw):  # type: ignore[override]
+        o, ig, kk, g, e = plan.out_channels, plan.in_per_group, plan.kernel_taps, plan.groups, plan.expansion
+        og = o // g
+        r_origin, r_taps, r_pw, r_dws = plan.rows
+        v = scales.view(plan.num_branches, o)
+        if origin is not None:
+            kernel = origin.reshape(o, ig, kk) * v[r_origin].view(o, 1, 1)
+        else:
+            kernel = scales.new_zeros(o, ig, kk)
+        if taps is not None:
+            kernel.baddbmm_(taps, filters * v[r_taps : r_taps + plan.num_taps].t().unsqueeze(-1))
+        grouped = kernel.view(g, og, ig, kk)
+        first = None
+        if pw is not None:
+            first = pw_in + identity  # [t, I/g]
+            tg = pw.shape[-1]
+            prod = torch.bmm(pw.reshape(g, og * kk, tg), first.view(g, tg, ig))  # [g, O/g*kk, I/g]
+            grouped.addcmul_(prod.view(g, og, kk, ig).transpose(2, 3), v[r_pw].view(g, og, 1, 1))
+        if dws_pw is not None:
+            dense = torch.bmm(dws_pw.reshape(g * ig, og, e), dws_dw.reshape(g * ig, e, kk))  # [g*I/g, O/g, kk]
+            grouped.addcmul_(dense.view(g, ig, og, kk).transpose(1, 2), v[r_dws].view(g, og, 1, 1))
+        ctx.plan = plan
+        ctx.save_for_backward(scales, origin, taps, filters, pw, dws_dw, dws_pw, first)
+        return kernel.view(plan.shape)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        parts = _unpack(ctx.spec, ctx.saved_tensors)
-        return (None, *_fused_backward(ctx.spec, parts, grad))
+        scales, origin, taps, filters, pw, dws_dw, dws_pw, first = ctx.saved_tensors
+        plan = ctx.plan
+        o, ig, kk, g, e = plan.out_channels, plan.in_per_group, plan.kernel_taps, plan.groups, plan.expansion
+        n, og = plan.num_branches, o // g
+        r_origin, r_taps, r_pw, r_dws = plan.rows
+        grad = grad.reshape(o, ig, kk).contiguous()
+        v = scales.view(n, o)
+        unit = _denormal_guard_unit(grad)
+        if unit != 1.0:
+            # A tiny gradient (e.g. behind a zero-initialised BN gamma) times tiny scales would underflow into
+            # denormals inside the GEMMs, ~100x slower on CPUs. Work on the gradient divided by a power of two
+            # near its maximum (exact), multiply the scales that weight the branch gradients by that power
+            # (flushing what leaves the normal range) and the scale gradients at the end.
+            grad = grad / unit
+            v = _scaled_flushed(v, unit)
+        dv = torch.empty_like(scales).view(n, o)
+        d_origin = d_taps = d_pw_in = d_pw = d_dw = d_dws_pw = None
+        if origin is not None:
+            torch.linalg.vecdot(grad.view(o, ig * kk), origin.reshape(o, ig * kk), out=dv[r_origin])
+            d_origin = (grad * v[r_origin].view(o, 1, 1)).view_as(origin)
+        if taps is not None:
+            b = plan.num_taps
+            h = torch.bmm(grad, filters.transpose(1, 2))  # [O, I/g, B]: dL/d(scaled 1x1 weights) / scale
+            torch.sum(h * taps, 1, out=dv[r_taps : r_taps + b].t())
+            d_taps = h.mul_(v[r_taps : r_taps + b].t().unsqueeze(1))
+        if pw is not None or dws_pw is not None:
+            grouped = grad.view(g, og, ig, kk)
+        if pw is not None:
+            tg = pw.shape[-1]
+            second = pw.reshape(g, og * kk, tg)
+            gt = _copy(grouped.transpose(2, 3)).view(g, og * kk, ig)  # one layout copy, scaled in place below
+            prod = torch.bmm(gt, first.view(g, tg, ig).transpose(1, 2))  # [g, O/g*kk, t/g]
+            torch.linalg.vecdot(prod.view(o, kk * tg), pw.reshape(o, kk * tg), out=dv[r_pw])
+            scale = v[r_pw].view(g, og, 1)
+            gt.view(g, og, kk * ig).mul_(scale)
+            d_pw_in = torch.bmm(second.transpose(1, 2), gt).view(-1, ig)
+            d_pw = prod.view(g, og, kk * tg).mul_(scale).view_as(pw)
+        if dws_pw is not None:
+            gq = _copy(grouped.transpose(1, 2)).view(g * ig, og, kk)  # one layout copy, scaled in place below
+            prod = torch.bmm(gq, dws_dw.reshape(g * ig, e, kk).transpose(1, 2))  # [g*I/g, O/g, e]
+            pointwise = dws_pw.reshape(g, ig, og, e)
+            torch.sum(prod.view(g, ig, og, e) * pointwise, (1, 3), out=dv[r_dws].view(g, og))
+            scale = v[r_dws].view(g, 1, og, 1)
+            gq.view(g, ig, og, kk).mul_(scale)
+            d_dw = torch.bmm(dws_pw.reshape(g * ig, og, e).transpose(1, 2), gq).view_as(dws_dw)
+            d_dws_pw = prod.view(g, ig, og, e).mul_(scale).view_as(dws_pw)
+        d_scales = (dv if unit == 1.0 else _scaled_flushed(dv, unit)).view_as(scales)
+        return None, d_scales, d_origin, d_taps, None, d_pw_in, None, d_pw, d_dw, d_dws_pw
 
 
-def _unpack(spec, tensors) -> dict:
-    kernel_size, groups, expansion, has_origin, n_taps, flags = spec
-    has_pw, has_dws = flags
-    it = iter(tensors)
-    parts: dict = {"taps_v": [], "taps_w": []}
-    if has_origin:
-        parts["v1"], parts["w1"] = next(it), next(it)
-    for _ in range(n_taps):
-        parts["taps_v"].append(next(it))
-        parts["taps_w"].append(next(it))
-    if n_taps:
-        parts["filters"] = next(it)  # [O, B, kk]
-    if has_pw:
-        parts["v4"], parts["learned"], parts["identity"], parts["second"] = next(it), next(it), next(it), next(it)
-    if has_dws:
-        parts["v6"], parts["dw"], parts["pw"] = next(it), next(it), next(it)
-    # shapes
-    if has_origin:
-        parts["O"], parts["ig"] = parts["w1"].shape[:2]
-    elif n_taps:
-        parts["O"], parts["ig"] = parts["taps_w"][0].shape
-    elif has_pw:
-        parts["O"], parts["ig"] = parts["second"].shape[0], parts["learned"].shape[1]
-    else:
-        parts["ig"] = parts["pw"].shape[0] // groups
-        parts["O"] = parts["pw"].shape[1] * groups
-    parts["kk"] = num_taps(kernel_size)
-    return parts
+def _copy(t: Tensor) -> Tensor:
+    """A contiguous copy of ``t`` that never aliases it (``reshape``/``contiguous`` may return a view)."""
+    return t.clone(memory_format=torch.contiguous_format)
 
 
-def _fused_forward(spec, p: dict) -> Tensor:
-    kernel_size, g, e, has_origin, n_taps, (has_pw, has_dws) = spec
-    O, ig, kk = p["O"], p["ig"], p["kk"]
-    og = O // g
-    if has_origin:
-        kernel = (p["w1"].reshape(O, ig * kk) * p["v1"].unsqueeze(1)).view(O, ig, kk)
-    else:
-        kernel = p["filters" if n_taps else ("second" if has_pw else "pw")].new_zeros(O, ig, kk)
-    if n_taps:
-        a = torch.stack(p["taps_w"], -1) * torch.stack(p["taps_v"], -1).unsqueeze(1)  # [O, I/g, B]
-        kernel.baddbmm_(a, p["filters"])
-    grouped = kernel.view(g, og, ig, kk)
-    if has_pw:
-        tg = p["second"].shape[-1]
-        first = (p["learned"] + p["identity"]).view(g, tg, ig)
-        scaled = (p["second"].reshape(g, og, kk * tg) * p["v4"].view(g, og, 1)).view(g, og * kk, tg)
-        grouped.add_(torch.bmm(scaled, first).view(g, og, kk, ig).transpose(2, 3))
-    if has_dws:
-        scaled = p["pw"].view(g, ig, og, e) * p["v6"].view(g, 1, og, 1)
-        dense = torch.bmm(scaled.view(g * ig, og, e), p["dw"].view(g * ig, e, kk))  # [g*I/g, O/g, kk]
-        grouped.add_(dense.view(g, ig, og, kk).transpose(1, 2))
-    return kernel
+def _scaled_flushed(v: Tensor, unit: float) -> Tensor:
+    """``v * unit`` with results below the normal range set to zero."""
+    r = v * unit
+    return r.masked_fill_(r.abs() < torch.finfo(r.dtype).tiny, 0.0)
 
 
-def _fused_backward(spec, p: dict, grad: Tensor) -> list[Tensor | None]:
-    kernel_size, g, e, has_origin, n_taps, (has_pw, has_dws) = spec
-    O, ig, kk = p["O"], p["ig"], p["kk"]
-    og = O // g
-    grad = grad.reshape(O, ig, kk).contiguous()
-    unit = _denormal_guard_unit(grad)
-    if unit != 1.0:
-        # A tiny gradient (e.g. behind a zero-initialised BN gamma) times tiny scales would underflow into
-        # denormals inside the GEMMs, ~100x slower on CPUs. Work on the gradient divided by a power of two near
-        # its maximum (exact) and fold that factor into the per-channel scale multiplies below.
-        grad = grad / unit
-    tiny = torch.finfo(grad.dtype).tiny
+_DENORMAL = [5e-324]  # the smallest float64 denormal, in a list so that no constant folding applies
 
-    def rescale(v: Tensor) -> Tensor:
-        """``v * unit`` with results below the normal range flushed to zero (identity when ``unit == 1``)."""
-        if unit == 1.0:
-            return v
-        r = v * unit
-        return torch.where(r.abs() < tiny, torch.zeros_like(r), r)
 
-    out: list[Tensor | None] = []
-    if has_origin:
-        w1 = p["w1"].reshape(O, ig * kk)
-        out.append(rescale(torch.linalg.vecdot(grad.view(O, -1), w1)))  # <dL/dW[o], W1[o]>
-        out.append((grad * rescale(p["v1"]).view(O, 1, 1)).view_as(p["w1"]))
-    if n_taps:
-        h = torch.bmm(p["filters"], grad.transpose(1, 2))  # [O, B, I/g]
-        for b, (v, w) in enumerate(zip(p["taps_v"], p["taps_w"])):
-            hb = h[:, b]
-            out.append(rescale(torch.linalg.vecdot(hb, w)))
-            out.append(hb * rescale(v).unsqueeze(1))
-        out.append(None)  # filters are constants
-    if has_pw or has_dws:
-        grouped = grad.view(g, og, ig, kk)
-    if has_pw:
-        second, v4 = p["second"], p["v4"]
-        tg = second.shape[-1]
-        first = (p["learned"] + p["identity"]).view(g, tg, ig)
-        gt = grouped.transpose(2, 3).contiguous().view(g, og * kk, ig)
-        prod = torch.bmm(gt, first.transpose(1, 2))  # [g, O/g*kk, t/g]: dL/d(scaled second)
-        dv4 = rescale(torch.linalg.vecdot(prod.view(O, kk * tg), second.reshape(O, kk * tg)))
-        scaled = (second.reshape(g, og, kk * tg) * v4.view(g, og, 1)).view(g, og * kk, tg)
-        dfirst = rescale(torch.bmm(scaled.transpose(1, 2), gt).view_as(p["learned"]))
-        dsecond = prod.view(g, og, kk * tg).mul_(rescale(v4).view(g, og, 1)).view_as(second)
-        out.extend([dv4, dfirst, None, dsecond])
-    if has_dws:
-        pw, dw, v6 = p["pw"], p["dw"], p["v6"]
-        gq = grouped.transpose(1, 2).contiguous().view(g * ig, og, kk)
-        d = dw.view(g * ig, e, kk)
-        prod = torch.bmm(gq, d.transpose(1, 2))  # [g*I/g, O/g, e]: dL/d(scaled pointwise)
-        dv6 = rescale((prod.view(g, ig, og, e) * pw.view(g, ig, og, e)).sum((1, 3)).view(O))
-        scaled = pw.view(g, ig, og, e) * v6.view(g, 1, og, 1)
-        ddw = rescale(torch.bmm(scaled.view(g * ig, og, e).transpose(1, 2), gq).view_as(dw))
-        dpw = prod.view(g, ig, og, e).mul_(rescale(v6).view(g, 1, og, 1)).view_as(pw)
-        out.extend([dv6, ddw, dpw])
-    return out
+def _flushes_denormals() -> bool:
+    """Whether this thread's FPU flushes denormals (``torch.set_flush_denormal(True)``): then they cannot
+    occur and the guard below is skipped (a Python float multiply, ~0.1 us)."""
+    return _DENORMAL[0] * 1.0 == 0.0
 
 
 def _denormal_guard_unit(grad: Tensor) -> float:
     """1.0, or on the CPU for a gradient whose largest entry is below 2**-60, the power of two just below that
     entry (GPUs process denormals at full speed; ordinary gradients are far from underflow)."""
-    if grad.device.type != "cpu" or torch.compiler.is_compiling():
+    if grad.device.type != "cpu" or torch.compiler.is_compiling() or _flushes_denormals():
         return 1.0
     low, high = (v.item() for v in torch.aminmax(grad))  # one pass, no temporary
     largest = max(-low, high)
@@ -342,42 +355,29 @@ def _denormal_guard_unit(grad: Tensor) -> float:
 
 
 def generate_kernel_fused(
-    kernel_size: Sequence[int],
-    groups: int,
-    *,
-    origin: tuple[Tensor, Tensor] | None = None,
-    taps: tuple[Sequence[Tensor], Sequence[Tensor], Tensor] | None = None,
-    pw_kxk: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
-    dws: tuple[Tensor, Tensor, Tensor, int] | None = None,
+    plan: GenerationPlan,
+    scales: Tensor,
+    origin: Tensor | None,
+    taps: Tensor | None,
+    filters: Tensor | None,
+    pw_in: Tensor | None,
+    identity: Tensor | None,
+    pw: Tensor | None,
+    dws_dw: Tensor | None,
+    dws_pw: Tensor | None,
 ) -> Tensor:
     """The OREPA kernel from the block's *storage* layouts, as one autograd node (what a block runs every step).
 
-    Args (``None`` when the branch is absent):
-        origin: ``(v [O], W [O, I/g, *K])``.
-        taps: ``(scales, weights, filters)``: per-branch ``[O]`` scales and ``[O, I/g]`` weights of the 1x1
-            branches with a fixed spatial filter, and the filters stacked as ``[O, B, kk]``.
-        pw_kxk: ``(v, learned [t, I/g], identity [t, I/g], second [O, *K, t/g])``.
-        dws: ``(v, depthwise [e*I, 1, *K], pointwise [I, O/g, e], e)``.
+    Args (``None`` for the tensors of an absent branch; ``plan`` says which are present):
+        plan: shapes and scale rows, from :func:`generation_plan`.
+        scales: all per-branch scales, ``[n * O]`` (row ``j`` of its ``[n, O]`` view scales branch ``j``).
+        origin: ``W [O, I/g, *K]``.
+        taps, filters: the 1x1 branches with a fixed spatial filter: weights ``[O, I/g, B]``, filters
+            ``[O, B, kk]``.
+        pw_in, identity, pw: the 1x1->kxk branch: learned and fixed parts ``[t, I/g]`` of the first factor, the
+            second factor ``[O, *K, t/g]``.
+        dws_dw, dws_pw: the depthwise-separable branch: depthwise ``[e*I, 1, *K]``, pointwise ``[I, O/g, e]``.
 
     Equals :func:`generate_kernel` on the natural layouts (:func:`natural_pw_kxk`, :func:`natural_dws_pointwise`).
     """
-    tensors: list[Tensor] = []
-    if origin is not None:
-        tensors.extend(origin)
-    n_taps = 0
-    if taps is not None:
-        scales, weights, filters = taps
-        n_taps = len(weights)
-        for v, w in zip(scales, weights):
-            tensors.extend((v, w))
-        tensors.append(filters)
-    if pw_kxk is not None:
-        tensors.extend(pw_kxk)
-    expansion = 1
-    if dws is not None:
-        v6, dw, pw, expansion = dws
-        tensors.extend((v6, dw, pw))
-    if not tensors:
-        raise ValueError("generate_kernel_fused needs at least one branch")
-    spec = (tuple(kernel_size), groups, expansion, origin is not None, n_taps, (pw_kxk is not None, dws is not None))
-    return _GenerateKernel.apply(spec, *tensors)
+    return _GenerateKernel.apply(plan, scales, origin, taps, filters, pw_in, identity, pw, dws_dw, dws_pw)

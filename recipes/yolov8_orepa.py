@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     orepa_metrics = model.val(**val_args).results_dict  # validates a folded copy; the model stays OREPA
     orepa_model = copy.deepcopy(model.model).float().eval()
     moved = max(
-        (getattr(m, f"scale_{b}").abs().max().item() for m in orepa_model.modules() if isinstance(m, OREPAConv)
+        (m.scale(b).abs().max().item() for m in orepa_model.modules() if isinstance(m, OREPAConv)
          for b in m.branches if b != "origin"),
         default=0.0,
     )

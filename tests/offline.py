@@ -51,14 +51,15 @@ def branch_outputs(block, xp: Tensor) -> dict[str, Tensor]:
             out[b] = conv(xp, p["weight_origin"], stride=s, dilation=d, groups=g)
         elif b == "avg":
             filt = kernels.tap_filter("avg", c.out_channels, K, xp.dtype)
-            out[b] = _tap_branch(xp, p["weight_avg"], filt, s, d, g)
+            out[b] = _tap_branch(xp, block.branch_weight("avg"), filt, s, d, g)
             if all(di == 1 for di in d):  # with no dilation it is literally average pooling
-                y = conv(xp, p["weight_avg"].reshape(*p["weight_avg"].shape, *([1] * nd)), groups=g)
+                w = block.branch_weight("avg")
+                y = conv(xp, w.reshape(*w.shape, *([1] * nd)), groups=g)
                 pooled = _AVG[nd](y, K, stride=s)
                 assert rel_err(pooled, out[b]) < 1e-12
         elif b == "prior":
             filt = kernels.tap_filter("prior", c.out_channels, K, xp.dtype)
-            out[b] = _tap_branch(xp, p["weight_prior"], filt, s, d, g)
+            out[b] = _tap_branch(xp, block.branch_weight("prior"), filt, s, d, g)
         elif b == "pw":
             # a 1x1 conv on the padded input offset by the centre tap, sampled with the stride
             centre = kernels.centre_tap(K)
@@ -67,7 +68,7 @@ def branch_outputs(block, xp: Tensor) -> dict[str, Tensor]:
                 n_out = (xp.shape[2 + axis] - d[axis] * (K[axis] - 1) - 1) // s[axis] + 1
                 start = centre[axis] * d[axis]
                 idx.append(slice(start, start + (n_out - 1) * s[axis] + 1, s[axis]))
-            w = p["weight_pw"]
+            w = block.branch_weight("pw")
             out[b] = conv(xp[tuple(idx)], w.reshape(*w.shape, *([1] * nd)), groups=g)
         elif b == "pw_kxk":
             first = kernels.stacked_identity(block.pw_kxk_width, c.in_channels, g, xp.dtype) + p["weight_pw_kxk_in"]
@@ -86,7 +87,7 @@ def offline_block(block, x: Tensor) -> Tensor:
     nd = xp.dim() - 2
     total = None
     for b, y in branch_outputs(block, xp).items():
-        v = getattr(block, f"scale_{b}").reshape(1, -1, *([1] * nd))
+        v = block.scale(b).reshape(1, -1, *([1] * nd))
         total = v * y if total is None else total + v * y
     if block.bias is not None:
         total = total + block.bias.reshape(1, -1, *([1] * nd))

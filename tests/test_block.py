@@ -86,9 +86,17 @@ def test_exposes_conv_attributes_and_guards_weight():
     assert block.weight.shape == (8, 2, 3, 5)
     with pytest.raises(AttributeError, match="fold_orepa"):
         block.weight = nn.Parameter(torch.zeros(8, 2, 3, 5))
-    # the scales are 1-D (treated like BN weights by optimizers); no 2-D [6, O] matrix
-    for b in BRANCHES:
-        assert getattr(block, f"scale_{b}").shape == (8,)
+    # the scales are one 1-D parameter (treated like BN weights by optimizers), row j of its [n, O] view
+    # scaling branch j
+    assert block.scales.shape == (6 * 8,)
+    for j, b in enumerate(BRANCHES):
+        assert block.scale(b).shape == (8,)
+        assert block.scale(b).data_ptr() == block.scales.data_ptr() + j * 8 * block.scales.element_size()
+    assert block.weight_taps.shape == (8, 2, 3) and block.branch_weight("prior").shape == (8, 2)
+    with pytest.raises(ValueError, match="no branch"):
+        OREPAConv(nn.Conv2d(4, 4, 3), OREPAConfig(branches=("origin", "pw"))).scale("avg")
+    with pytest.raises(ValueError, match="not a fixed-filter"):
+        block.branch_weight("dws")
 
 
 def test_shapes_follow_paper_widths():
@@ -103,14 +111,14 @@ def test_shapes_follow_paper_widths():
     assert custom.weight_pw_kxk_in.shape == (24, 8)
     assert custom.weight_dws_dw.shape == (16, 1, 3, 3)
     assert custom.branches == ("origin", "pw_kxk", "dws")
-    assert not hasattr(custom, "weight_avg")
+    assert not hasattr(custom, "weight_taps")
 
 
 def test_paper_init_scales():
     block = OREPAConv(nn.Conv2d(4, 4, 3), OREPAConfig(init="paper"))
     expected = {"origin": 0.25, "avg": 0.25, "prior": 0.0, "pw_kxk": 0.5, "pw": 1.0, "dws": 0.5}
     for b, v in expected.items():
-        assert torch.all(getattr(block, f"scale_{b}") == v)
+        assert torch.all(block.scale(b) == v)
     assert torch.all(block.weight_pw_kxk_in == 0)
     bound = (6 / (4 * 9)) ** 0.5  # Kaiming-uniform, a = 0
     assert block.weight_origin.abs().max() <= bound and block.weight_origin.abs().max() > 0.5 * bound
@@ -214,7 +222,7 @@ def test_eval_cache_never_stale_and_never_while_recording():
     with torch.no_grad():
         k1 = block.weight
         assert block.weight is k1  # served from cache
-        block.scale_avg.add_(1.0)  # in-place update, as an EMA does
+        block.scale("avg").add_(1.0)  # in-place update, as an EMA does
         k2 = block.weight
     assert k2 is not k1 and not torch.equal(k1, k2)
     k3 = block.weight  # grad enabled and parameters require grad: autograd records, no cache

@@ -78,7 +78,7 @@ def check_round_trip(model: nn.Module, x: torch.Tensor, expected: int, **config)
     _, again = convert_to_orepa(model, return_report=True)
     assert again.converted == 0 and again.already_converted == expected
     _sgd_steps(model, x)
-    assert any(torch.count_nonzero(b.scale_dws) for b in blocks), "the new branches did not move"
+    assert any(torch.count_nonzero(b.scale("dws")) for b in blocks), "the new branches did not move"
     model.eval()
     y_trained = _outputs(model, x)
     fold_orepa(model)
@@ -231,7 +231,7 @@ def test_dtype_device_mode_and_hooks_preserved():
     model.dilated[0].register_forward_hook(lambda m, i, o: seen.append("conv"))
     convert_to_orepa(model)
     block = model.dilated[0]
-    assert block.training and block.scale_origin.dtype == torch.float64
+    assert block.training and block.scales.dtype == torch.float64
     model(torch.randn(2, 3, 8, 8, dtype=torch.float64))
     assert seen == ["parent", "conv"]
 

@@ -101,7 +101,7 @@ def test_block_survives_and_timm_reparameterize_model_folds():
     convert_to_orepa(model)
     with torch.no_grad():
         for b in (m for m in model.modules() if isinstance(m, OREPAConv)):
-            b.scale_avg.fill_(0.3)
+            b.scale("avg").fill_(0.3)
         y = model(x)
     deployed = timm_utils.reparameterize_model(model)  # calls fuse() on the blocks
     assert not any(isinstance(m, OREPAConv) for m in deployed.modules())

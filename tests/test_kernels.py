@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from orepa_convert import OREPAConfig, OREPAConv, kernels
+from orepa_convert import BRANCHES, OREPAConfig, OREPAConv, kernels
 from offline import branch_outputs, pad_like_conv, rel_err
 from strategies import conv_configs
 
@@ -23,7 +23,7 @@ def _branch_kernel(block: OREPAConv, branch: str) -> torch.Tensor:
     if branch == "origin":
         return p["weight_origin"]
     if branch in ("avg", "prior", "pw"):
-        return kernels.expand_1x1(p[f"weight_{branch}"], kernels.tap_filter(branch, c.out_channels, K))
+        return kernels.expand_1x1(block.branch_weight(branch), kernels.tap_filter(branch, c.out_channels, K))
     if branch == "pw_kxk":
         first = kernels.stacked_identity(block.pw_kxk_width, c.in_channels, c.groups) + p["weight_pw_kxk_in"]
         return kernels.compose_1x1_kxk(first, kernels.natural_pw_kxk(p["weight_pw_kxk"]), c.groups)
@@ -119,23 +119,21 @@ def test_fused_generation_gradients_match_autograd(out_ch, in_ch, groups, kernel
     taps = math.prod(kernel_size)
     filters = torch.randn(out_ch, 3, taps, generator=g, dtype=torch.float64)
     identity = kernels.stacked_identity(width, in_ch, groups)
-    flat = [r(out_ch), r(out_ch, ig, *kernel_size)]  # origin
-    flat += [t for _ in range(3) for t in (r(out_ch), r(out_ch, ig))]  # avg, prior, pw
-    flat += [r(out_ch), r(width, ig), r(out_ch, *kernel_size, width // groups)]  # pw_kxk (storage layout)
-    flat += [r(out_ch), r(expansion * in_ch, 1, *kernel_size), r(in_ch, out_ch // groups, expansion)]  # dws
+    plan = kernels.generation_plan((out_ch, ig, *kernel_size), groups, BRANCHES, expansion)
+    flat = [r(6 * out_ch), r(out_ch, ig, *kernel_size), r(out_ch, ig, 3)]  # scales, origin, avg/prior/pw
+    flat += [r(width, ig), r(out_ch, *kernel_size, width // groups)]  # pw_kxk (storage layout)
+    flat += [r(expansion * in_ch, 1, *kernel_size), r(in_ch, out_ch // groups, expansion)]  # dws
 
     def fused(*t):
-        return kernels.generate_kernel_fused(
-            kernel_size, groups, origin=(t[0], t[1]), taps=(t[2:8:2], t[3:8:2], filters),
-            pw_kxk=(t[8], t[9], identity, t[10]), dws=(t[11], t[12], t[13], expansion),
-        )
+        return kernels.generate_kernel_fused(plan, t[0], t[1], t[2], filters, t[3], identity, t[4], t[5], t[6])
 
     def reference(*t):
+        v = t[0].view(6, out_ch)  # rows in BRANCHES order: origin, avg, prior, pw, pw_kxk, dws
         return kernels.generate_kernel(
-            kernel_size, groups, origin=(t[0], t[1]),
-            taps=(torch.stack(t[2:8:2]), torch.stack(t[3:8:2]), filters.transpose(0, 1)),
-            pw_kxk=(t[8], t[9] + identity, kernels.natural_pw_kxk(t[10])),
-            dws=(t[11], t[12], kernels.natural_dws_pointwise(t[13], groups), expansion),
+            kernel_size, groups, origin=(v[0], t[1]),
+            taps=(v[1:4], t[2].permute(2, 0, 1), filters.transpose(0, 1)),
+            pw_kxk=(v[4], t[3] + identity, kernels.natural_pw_kxk(t[4])),
+            dws=(v[5], t[5], kernels.natural_dws_pointwise(t[6], groups), expansion),
         )
 
     assert torch.autograd.gradcheck(fused, flat)
@@ -146,3 +144,18 @@ def test_fused_generation_gradients_match_autograd(out_ch, in_ch, groups, kernel
         got = torch.autograd.grad(fused(*flat), flat, upstream * scale)
         for a, b in zip(got, ref):
             assert rel_err(a, b) <= 1e-12
+
+
+def test_denormal_guard_is_skipped_when_the_cpu_flushes_denormals():
+    grad = torch.full((4, 4), 2.0**-80)  # float32: takes the guarded path unless denormals are flushed
+    previous = kernels._flushes_denormals()
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        assert kernels._flushes_denormals()
+        assert kernels._denormal_guard_unit(grad) == 1.0
+        torch.set_flush_denormal(False)
+        assert not kernels._flushes_denormals()
+        assert kernels._denormal_guard_unit(grad) == 2.0**-80
+    finally:
+        torch.set_flush_denormal(previous)

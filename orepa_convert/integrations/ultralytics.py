@@ -243,7 +243,7 @@ def exempt_scales_from_weight_decay(optimizer: torch.optim.Optimizer, model: nn.
     """Move OREPA per-channel scales out of every param group with weight decay into a matching no-decay group."""
     from ..block import OREPAConv
 
-    scales = {id(p) for m in model.modules() if isinstance(m, OREPAConv) for n, p in m.named_parameters(recurse=False) if n.startswith("scale_")}
+    scales = {id(m.scales) for m in model.modules() if isinstance(m, OREPAConv)}
     moved = 0
     for group in list(optimizer.param_groups):
         if not group.get("weight_decay"):

@@ -83,7 +83,7 @@ def test_scales_get_no_weight_decay_with_every_optimizer(trained):
         net = copy.deepcopy(model.model).train()
         opt = trainer.build_optimizer(net, name=name, lr=0.01, momentum=0.9, decay=5e-4)
         scales = {id(p) for m in net.modules() if isinstance(m, OREPAConv)
-                  for n, p in m.named_parameters(recurse=False) if n.startswith("scale_")}
+                  for n, p in m.named_parameters(recurse=False) if n == "scales"}
         decayed = {id(p) for g in opt.param_groups if g["weight_decay"] for p in g["params"]}
         assert scales and not scales & decayed, name
         assert sum(len(g["params"]) for g in opt.param_groups) == len(list(net.parameters()))
