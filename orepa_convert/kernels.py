@@ -310,14 +310,14 @@ class _GenerateKernel(torch.autograd.Function):
             d_pw_in = torch.bmm(second.transpose(1, 2), gt).view(-1, ig)
             d_pw = prod.view(g, og, kk * tg).mul_(scale).view_as(pw)
         if dws_pw is not None:
-            gq = _copy(grouped.transpose(1, 2)).view(g * ig, og, kk)  # one layout copy, scaled in place below
-            prod = torch.bmm(gq, dws_dw.reshape(g * ig, e, kk).transpose(1, 2))  # [g*I/g, O/g, e]
             pointwise = dws_pw.reshape(g, ig, og, e)
-            torch.sum(prod.view(g, ig, og, e) * pointwise, (1, 3), out=dv[r_dws].view(g, og))
-            scale = v[r_dws].view(g, 1, og, 1)
-            gq.view(g, ig, og, kk).mul_(scale)
-            d_dw = torch.bmm(dws_pw.reshape(g * ig, og, e).transpose(1, 2), gq).view_as(dws_dw)
-            d_dws_pw = prod.view(g, ig, og, e).mul_(scale).view_as(dws_pw)
+            gq = grouped.transpose(1, 2)  # [g, I/g, O/g, kk]: strided batches, no copy when g == 1
+            prod = torch.matmul(gq, dws_dw.reshape(g, ig, e, kk).transpose(2, 3))  # [g, I/g, O/g, e]
+            torch.sum(prod * pointwise, (1, 3), out=dv[r_dws].view(g, og))
+            scale = v[r_dws]
+            scaled = (grad * scale.view(o, 1, 1)).view(g, og, ig, kk).transpose(1, 2)
+            d_dw = torch.matmul(pointwise.transpose(2, 3), scaled).view_as(dws_dw)  # [g, I/g, e, kk]
+            d_dws_pw = prod.mul_(scale.view(g, 1, og, 1)).view_as(dws_pw)
         d_scales = (dv if unit == 1.0 else _scaled_flushed(dv, unit)).view_as(scales)
         return None, d_scales, d_origin, d_taps, None, d_pw_in, None, d_pw, d_dw, d_dws_pw
 
