@@ -64,6 +64,16 @@ def branch_parameter_count(conv: nn.Module, config: OREPAConfig) -> int:
     return sum(sizes[b] + out_channels for b in config.branches)  # + one scale vector per branch
 
 
+def generation_ahead_allowed() -> bool:
+    """Whether a kernel generated before the forward pass may stand in for generating it in the block: grad
+    mode on and nothing that records the forward differently (``torch.compile`` tracing, functorch transforms,
+    saved-tensor hooks as used by activation checkpointing and offloading). See :mod:`orepa_convert.ahead`."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top_hooks is not None and top_hooks(False) is None
+
+
 def _needs_exact_context(device: torch.device) -> bool:
     """Whether autocast or a reduced float32 matmul precision is active (so :func:`_exact_generation` has
     something to switch off)."""
@@ -271,9 +281,17 @@ class OREPAConv(nn.Module):
     def _cache_key(self) -> tuple:
         return tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in self._parameters.values() if p is not None)
 
+    def generate_ahead(self) -> None:
+        """Generate this step's kernel now, for the next forward of this block (see :mod:`orepa_convert.ahead`)."""
+        self.__dict__["_ahead"] = (self._cache_key(), self.generate_kernel())
+
     def _kernel(self) -> Tensor:
-        """The kernel for this forward pass: served from the eval cache only while autograd is not
-        recording, and only if no parameter changed (version counters, storage, dtype, device)."""
+        """The kernel for this forward pass: one generated ahead for it if still valid; else from the eval
+        cache only while autograd is not recording, and only if no parameter changed (version counters,
+        storage, dtype, device); else generated now."""
+        ahead = self.__dict__.pop("_ahead", None)
+        if ahead is not None and ahead[0] == self._cache_key() and generation_ahead_allowed():
+            return ahead[1]
         cacheable = (
             self.eval_cache
             and not self.training
@@ -374,6 +392,7 @@ class OREPAConv(nn.Module):
         state = self.__dict__.copy()
         state.pop("_kernel_cache", None)  # derived, device-bound: never pickled or deep-copied
         state.pop("_constant_cache", None)
+        state.pop("_ahead", None)
         return state
 
     def extra_repr(self) -> str:

@@ -11,6 +11,7 @@ from typing import Any, overload, Literal
 import torch
 from torch import nn
 
+from . import ahead
 from .block import OREPAConv, branch_parameter_count
 from .config import OREPAConfig, resolve_config
 from .patterns import ConvMatch, match_convs
@@ -176,6 +177,8 @@ def convert_to_orepa(
         if record.status == SELECTED:
             record.extra_params = _convert_one(match, config, root)
             record.status = CONVERTED
+    if report.converted or report.already_converted:
+        ahead.attach(root)
     from .integrations import ultralytics as ul
 
     if ul.is_ultralytics_wrapper(model):  # make the next .train() train this OREPA model

@@ -8,7 +8,7 @@ from typing import Any, Literal, overload
 import torch
 from torch import nn
 
-from . import kernels
+from . import ahead, kernels
 from .block import OREPAConv
 from .convert import _replace, unwrap_model
 from .patterns import ConvMatch, match_convs
@@ -96,6 +96,7 @@ def fold_orepa(model: Any, fuse_bn: bool = False, *, return_report: bool = False
             else:
                 record.note = problem
         report.records.append(record)
+    ahead.detach(root)
     from .integrations import ultralytics as ul
 
     if ul.is_ultralytics_wrapper(model):  # its checkpoint and class too, so that yolo.save() writes a stock file
