@@ -96,6 +96,34 @@ def _exact_generation(device: torch.device) -> Iterator[None]:
         yield
 
 
+#: Branch order of format version 1 (bit order of its branch mask); it kept one tensor per branch and scale.
+_V1_BRANCHES = ("origin", "avg", "prior", "pw_kxk", "pw", "dws")
+
+
+def _format_version(state: Any) -> int | None:
+    try:
+        return int(torch.as_tensor(state).flatten()[0])
+    except (TypeError, ValueError, RuntimeError, IndexError):
+        return None
+
+
+def _upgrade_v1_state(state_dict: dict[str, Any], prefix: str, extra: Any) -> None:
+    """Rewrite a format-1 block state in place: ``weight_avg/prior/pw`` -> ``weight_taps`` and ``scale_<branch>``
+    -> ``scales`` (same values, so the loaded block computes exactly what the saved one did)."""
+    saved = [int(v) for v in torch.as_tensor(extra).flatten().tolist()]
+    if len(saved) < 4:
+        return  # unreadable: the layout check reports it
+    branches = [b for i, b in enumerate(_V1_BRANCHES) if saved[1] >> i & 1]
+    order = [b for b in BRANCHES if b in branches]
+    taps = [b for b in order if b in kernels.TAP_BRANCHES]
+    if taps and all(prefix + f"weight_{b}" in state_dict for b in taps):
+        state_dict[prefix + "weight_taps"] = torch.stack([state_dict.pop(prefix + f"weight_{b}") for b in taps], -1)
+    if all(prefix + f"scale_{b}" in state_dict for b in order):
+        state_dict[prefix + "scales"] = torch.cat([state_dict.pop(prefix + f"scale_{b}") for b in order])
+    mask = sum(1 << BRANCHES.index(b) for b in branches)
+    state_dict[prefix + "_extra_state"] = torch.tensor([FORMAT_VERSION, mask, saved[2], saved[3]], dtype=torch.int64)
+
+
 class OREPAConv(nn.Module):
     """An OREPA block in place of ``conv``: six linear branches squeezed into one kernel every forward.
 
@@ -380,6 +408,9 @@ class OREPAConv(nn.Module):
             )
             return
         extra = state_dict.get(prefix + "_extra_state")
+        if extra is not None and _format_version(extra) == 1:
+            _upgrade_v1_state(state_dict, prefix, extra)
+            extra = state_dict[prefix + "_extra_state"]
         problem = None if extra is None else self._layout_problem(extra)
         if problem:
             error_msgs.append(f"{name}: {problem}")

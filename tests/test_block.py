@@ -177,6 +177,24 @@ def test_pickle_deepcopy_state_dict_round_trip():
     assert sd["_extra_state"].dtype == torch.int64
 
 
+@pytest.mark.parametrize("branches", [BRANCHES, ("origin", "prior", "pw_kxk"), ("origin", "pw", "dws")])
+def test_format_1_state_dicts_still_load(branches):
+    """Format 1 kept one tensor per tap branch and per scale; its state dicts load into the stacked layout."""
+    block = _randomise(OREPAConv(nn.Conv2d(4, 6, 3, padding=1), OREPAConfig(branches=branches)))
+    v1 = {k: v for k, v in block.state_dict().items() if k not in ("weight_taps", "scales", "_extra_state")}
+    taps = [b for b in block.branches if b in ("avg", "prior", "pw")]
+    for b in taps:
+        v1[f"weight_{b}"] = block.branch_weight(b).detach().clone()
+    for b in block.branches:
+        v1[f"scale_{b}"] = block.scale(b).detach().clone()
+    old_order = ("origin", "avg", "prior", "pw_kxk", "pw", "dws")
+    mask = sum(1 << old_order.index(b) for b in block.branches)
+    v1["_extra_state"] = torch.tensor([1, mask, block.pw_kxk_width, block.dws_expansion])
+    fresh = OREPAConv(nn.Conv2d(4, 6, 3, padding=1), OREPAConfig(branches=branches, seed=5))
+    fresh.load_state_dict(v1)
+    assert torch.equal(fresh.generate_kernel(), block.generate_kernel())
+
+
 def test_mismatched_config_load_fails_clearly():
     block = OREPAConv(nn.Conv2d(4, 4, 3))
     other = OREPAConv(nn.Conv2d(4, 4, 3), OREPAConfig(branches=("origin", "avg", "pw")))
