@@ -108,8 +108,9 @@ def _format_version(state: Any) -> int | None:
 
 
 def _upgrade_v1_state(state_dict: dict[str, Any], prefix: str, extra: Any) -> None:
-    """Rewrite a format-1 block state in place: ``weight_avg/prior/pw`` -> ``weight_taps`` and ``scale_<branch>``
-    -> ``scales`` (same values, so the loaded block computes exactly what the saved one did)."""
+    """Rewrite a format-1 block state in place: ``weight_avg/prior/pw`` -> ``weight_taps``, ``scale_<branch>``
+    -> ``scales`` and ``weight_dws_pw`` from ``[I, O/g, e]`` to ``[I, e, O/g]`` (same values, so the loaded block
+    computes exactly what the saved one did)."""
     saved = [int(v) for v in torch.as_tensor(extra).flatten().tolist()]
     if len(saved) < 4:
         return  # unreadable: the layout check reports it
@@ -117,7 +118,9 @@ def _upgrade_v1_state(state_dict: dict[str, Any], prefix: str, extra: Any) -> No
     order = [b for b in BRANCHES if b in branches]
     taps = [b for b in order if b in kernels.TAP_BRANCHES]
     if taps and all(prefix + f"weight_{b}" in state_dict for b in taps):
-        state_dict[prefix + "weight_taps"] = torch.stack([state_dict.pop(prefix + f"weight_{b}") for b in taps], -1)
+        state_dict[prefix + "weight_taps"] = torch.stack([state_dict.pop(prefix + f"weight_{b}") for b in taps], 1)
+    if prefix + "weight_dws_pw" in state_dict:  # format 1 stored [I, O/g, e]
+        state_dict[prefix + "weight_dws_pw"] = state_dict[prefix + "weight_dws_pw"].transpose(1, 2).contiguous()
     if all(prefix + f"scale_{b}" in state_dict for b in order):
         state_dict[prefix + "scales"] = torch.cat([state_dict.pop(prefix + f"scale_{b}") for b in order])
     mask = sum(1 << BRANCHES.index(b) for b in branches)
@@ -131,7 +134,7 @@ class OREPAConv(nn.Module):
     'same' padding of timm's ``Conv2dSame``); only its weight is generated. ``fold()`` (alias ``fuse()``,
     which timm's ``reparameterize_model`` calls) returns that conv with the generated kernel, computed in
     float64. Parameters: ``weight_origin``, ``weight_taps`` (the 1x1 weights of ``avg``/``prior``/``pw``
-    stacked on the last axis), ``weight_pw_kxk_in``/``weight_pw_kxk``, ``weight_dws_dw``/``weight_dws_pw``,
+    stacked on axis 1), ``weight_pw_kxk_in``/``weight_pw_kxk``, ``weight_dws_dw``/``weight_dws_pw``,
     one 1-D ``scales`` vector holding every branch's per-channel scale (:meth:`scale`), and the conv's ``bias``
     when it has one. Few, large tensors keep the per-step and per-optimizer-step overhead low.
 
@@ -183,9 +186,9 @@ class OREPAConv(nn.Module):
                 else:
                     self.weight_origin = random(out_channels, in_per_group, *kernel_size, fan_in=in_per_group * num_taps)
             elif branch in taps[:1]:
-                # the 1x1 weights of every fixed-filter branch, stacked on the last axis [O, I/g, B]
-                columns = [random(out_channels, in_per_group, 1, fan_in=in_per_group) for _ in taps]
-                self.weight_taps = nn.Parameter(torch.cat(columns, -1), weight.requires_grad)
+                # the 1x1 weights of every fixed-filter branch, stacked [O, B, I/g]
+                rows = [random(out_channels, 1, in_per_group, fan_in=in_per_group) for _ in taps]
+                self.weight_taps = nn.Parameter(torch.cat(rows, 1), weight.requires_grad)
             elif branch == "pw_kxk":
                 zeros = torch.zeros(width, in_per_group, device=weight.device, dtype=weight.dtype)
                 self.weight_pw_kxk_in = nn.Parameter(zeros, weight.requires_grad)
@@ -195,9 +198,9 @@ class OREPAConv(nn.Module):
                 )
             elif branch == "dws":
                 self.weight_dws_dw = random(expansion * in_channels, 1, *kernel_size, fan_in=num_taps)
-                # stored [I, O/g, e] (see kernels.natural_dws_pointwise for the conv layout)
+                # stored [I, e, O/g] (see kernels.natural_dws_pointwise for the conv layout)
                 self.weight_dws_pw = random(
-                    in_channels, out_channels // groups, expansion, fan_in=expansion * in_per_group
+                    in_channels, expansion, out_channels // groups, fan_in=expansion * in_per_group
                 )
         if config.init == "preserve":
             values = [1.0 if b == "origin" else 0.0 for b in self.branches]
@@ -256,7 +259,7 @@ class OREPAConv(nn.Module):
         taps = [b for b in self.branches if b in kernels.TAP_BRANCHES]
         if branch not in taps:
             raise ValueError(f"{branch!r} is not a fixed-filter 1x1 branch of this block (it has {taps})")
-        return self.weight_taps[..., taps.index(branch)]
+        return self.weight_taps[:, taps.index(branch)]
 
     def _branch_index(self, branch: str) -> int:
         if branch not in self.branches:

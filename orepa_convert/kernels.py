@@ -193,10 +193,10 @@ def natural_pw_kxk(second: Tensor) -> Tensor:
 
 
 def natural_dws_pointwise(pointwise: Tensor, groups: int) -> Tensor:
-    """The block's depthwise-separable pointwise weight, stored ``[I, O/g, e]``, in conv layout ``[O, e*I/g]``."""
-    in_channels, og, e = pointwise.shape
+    """The block's depthwise-separable pointwise weight, stored ``[I, e, O/g]``, in conv layout ``[O, e*I/g]``."""
+    in_channels, e, og = pointwise.shape
     ig = in_channels // groups
-    return pointwise.reshape(groups, ig, og, e).permute(0, 2, 1, 3).reshape(groups * og, ig * e)
+    return pointwise.reshape(groups, ig, e, og).permute(0, 3, 1, 2).reshape(groups * og, ig * e)
 
 
 #: The 1x1 branches whose kxk form is a fixed per-output-channel filter (adjacent in :data:`BRANCHES`).
@@ -238,9 +238,9 @@ def generation_plan(shape: Sequence[int], groups: int, branches: Sequence[str], 
 class _GenerateKernel(torch.autograd.Function):
     """The per-step OREPA kernel as one autograd node.
 
-    It works on the block's storage layouts (fixed-filter 1x1 weights stacked ``[O, I/g, B]``, 1x1->kxk second
-    factor ``[O, *K, t/g]``, depthwise-separable pointwise ``[I, O/g, e]``, scales ``[n, O]``), which make every
-    product a plain ``bmm``. Each scale multiplies inside an ``addcmul``/``bmm`` rather than in a pass of its own.
+    It works on the block's storage layouts (fixed-filter 1x1 weights stacked ``[O, B, I/g]``, 1x1->kxk second
+    factor ``[O, *K, t/g]``, depthwise-separable pointwise ``[I, e, O/g]``, scales ``[n, O]``), which make every
+    product a plain ``bmm`` and keep every per-channel scale multiply on a contiguous innermost axis. Each scale multiplies inside an ``addcmul``/``bmm`` rather than in a pass of its own.
     Backward keeps only the inputs (and the small ``[t, I/g]`` first factor) and recomputes the rest.
     """
 
@@ -255,7 +255,7 @@ class _GenerateKernel(torch.autograd.Function):
         else:
             kernel = scales.new_zeros(o, ig, kk)
         if taps is not None:
-            kernel.baddbmm_(taps, filters * v[r_taps : r_taps + plan.num_taps].t().unsqueeze(-1))
+            kernel.baddbmm_(taps.transpose(1, 2), filters * v[r_taps : r_taps + plan.num_taps].t().unsqueeze(-1))
         grouped = kernel.view(g, og, ig, kk)
         first = None
         if pw is not None:
@@ -264,7 +264,7 @@ class _GenerateKernel(torch.autograd.Function):
             prod = torch.bmm(pw.reshape(g, og * kk, tg), first.view(g, tg, ig))  # [g, O/g*kk, I/g]
             grouped.addcmul_(prod.view(g, og, kk, ig).transpose(2, 3), v[r_pw].view(g, og, 1, 1))
         if dws_pw is not None:
-            dense = torch.bmm(dws_pw.reshape(g * ig, og, e), dws_dw.reshape(g * ig, e, kk))  # [g*I/g, O/g, kk]
+            dense = torch.bmm(dws_pw.reshape(g * ig, e, og).transpose(1, 2), dws_dw.reshape(g * ig, e, kk))  # [g*I/g, O/g, kk]
             grouped.addcmul_(dense.view(g, ig, og, kk).transpose(1, 2), v[r_dws].view(g, og, 1, 1))
         ctx.plan = plan
         ctx.save_for_backward(scales, origin, taps, filters, pw, dws_dw, dws_pw, first)
@@ -294,9 +294,9 @@ class _GenerateKernel(torch.autograd.Function):
             d_origin = (grad * v[r_origin].view(o, 1, 1)).view_as(origin)
         if taps is not None:
             b = plan.num_taps
-            h = torch.bmm(grad, filters.transpose(1, 2))  # [O, I/g, B]: dL/d(scaled 1x1 weights) / scale
-            torch.sum(h * taps, 1, out=dv[r_taps : r_taps + b].t())
-            d_taps = h.mul_(v[r_taps : r_taps + b].t().unsqueeze(1))
+            h = torch.bmm(filters, grad.transpose(1, 2))  # [O, B, I/g]: dL/d(scaled 1x1 weights) / scale
+            torch.linalg.vecdot(h, taps, out=dv[r_taps : r_taps + b].t())
+            d_taps = h.mul_(v[r_taps : r_taps + b].t().unsqueeze(-1))
         if pw is not None or dws_pw is not None:
             grouped = grad.view(g, og, ig, kk)
         if pw is not None:
@@ -310,14 +310,14 @@ class _GenerateKernel(torch.autograd.Function):
             d_pw_in = torch.bmm(second.transpose(1, 2), gt).view(-1, ig)
             d_pw = prod.view(g, og, kk * tg).mul_(scale).view_as(pw)
         if dws_pw is not None:
-            pointwise = dws_pw.reshape(g, ig, og, e)
+            pointwise = dws_pw.reshape(g, ig, e, og)
             gq = grouped.transpose(1, 2)  # [g, I/g, O/g, kk]: strided batches, no copy when g == 1
-            prod = torch.matmul(gq, dws_dw.reshape(g, ig, e, kk).transpose(2, 3))  # [g, I/g, O/g, e]
-            torch.sum(prod * pointwise, (1, 3), out=dv[r_dws].view(g, og))
+            prod = torch.matmul(dws_dw.reshape(g, ig, e, kk), gq.transpose(2, 3))  # [g, I/g, e, O/g]
+            torch.sum((prod * pointwise).view(g, ig * e, og), 1, out=dv[r_dws].view(g, og))
             scale = v[r_dws]
             scaled = (grad * scale.view(o, 1, 1)).view(g, og, ig, kk).transpose(1, 2)
-            d_dw = torch.matmul(pointwise.transpose(2, 3), scaled).view_as(dws_dw)  # [g, I/g, e, kk]
-            d_dws_pw = prod.mul_(scale.view(g, 1, og, 1)).view_as(dws_pw)
+            d_dw = torch.matmul(pointwise, scaled).view_as(dws_dw)  # [g, I/g, e, kk]
+            d_dws_pw = prod.mul_(scale.view(g, 1, 1, og)).view_as(dws_pw)
         d_scales = (dv if unit == 1.0 else _scaled_flushed(dv, unit)).view_as(scales)
         return None, d_scales, d_origin, d_taps, None, d_pw_in, None, d_pw, d_dw, d_dws_pw
 
@@ -372,11 +372,11 @@ def generate_kernel_fused(
         plan: shapes and scale rows, from :func:`generation_plan`.
         scales: all per-branch scales, ``[n * O]`` (row ``j`` of its ``[n, O]`` view scales branch ``j``).
         origin: ``W [O, I/g, *K]``.
-        taps, filters: the 1x1 branches with a fixed spatial filter: weights ``[O, I/g, B]``, filters
+        taps, filters: the 1x1 branches with a fixed spatial filter: weights ``[O, B, I/g]``, filters
             ``[O, B, kk]``.
         pw_in, identity, pw: the 1x1->kxk branch: learned and fixed parts ``[t, I/g]`` of the first factor, the
             second factor ``[O, *K, t/g]``.
-        dws_dw, dws_pw: the depthwise-separable branch: depthwise ``[e*I, 1, *K]``, pointwise ``[I, O/g, e]``.
+        dws_dw, dws_pw: the depthwise-separable branch: depthwise ``[e*I, 1, *K]``, pointwise ``[I, e, O/g]``.
 
     Equals :func:`generate_kernel` on the natural layouts (:func:`natural_pw_kxk`, :func:`natural_dws_pointwise`).
     """

@@ -92,7 +92,7 @@ def test_exposes_conv_attributes_and_guards_weight():
     for j, b in enumerate(BRANCHES):
         assert block.scale(b).shape == (8,)
         assert block.scale(b).data_ptr() == block.scales.data_ptr() + j * 8 * block.scales.element_size()
-    assert block.weight_taps.shape == (8, 2, 3) and block.branch_weight("prior").shape == (8, 2)
+    assert block.weight_taps.shape == (8, 3, 2) and block.branch_weight("prior").shape == (8, 2)
     with pytest.raises(ValueError, match="no branch"):
         OREPAConv(nn.Conv2d(4, 4, 3), OREPAConfig(branches=("origin", "pw"))).scale("avg")
     with pytest.raises(ValueError, match="not a fixed-filter"):
@@ -104,7 +104,8 @@ def test_shapes_follow_paper_widths():
     assert dense.weight_pw_kxk_in.shape == (16, 4)  # t = I for g <= 4
     assert dense.weight_pw_kxk.shape == (32, 3, 3, 4)  # stored [O, *K, t/g]
     assert dense.weight_dws_dw.shape == (8 * 16, 1, 3, 3)
-    assert dense.weight_dws_pw.shape == (16, 8, 8)  # stored [I, O/g, e]
+    assert dense.weight_dws_pw.shape == (16, 8, 8)  # stored [I, e, O/g]
+    assert OREPAConv(nn.Conv2d(4, 6, 3), OREPAConfig(dws_expansion=2)).weight_dws_pw.shape == (4, 2, 6)
     dw = OREPAConv(nn.Conv2d(16, 16, 3, groups=16))
     assert dw.weight_pw_kxk_in.shape == (32, 1)  # t = 2I for g > 4
     custom = OREPAConv(nn.Conv2d(8, 8, 3), OREPAConfig(pw_kxk_width=3, dws_expansion=2, branches=("origin", "pw_kxk", "dws")))
@@ -187,6 +188,8 @@ def test_format_1_state_dicts_still_load(branches):
         v1[f"weight_{b}"] = block.branch_weight(b).detach().clone()
     for b in block.branches:
         v1[f"scale_{b}"] = block.scale(b).detach().clone()
+    if "dws" in block.branches:  # format 1 stored it [I, O/g, e]
+        v1["weight_dws_pw"] = block.weight_dws_pw.detach().transpose(1, 2).clone()
     old_order = ("origin", "avg", "prior", "pw_kxk", "pw", "dws")
     mask = sum(1 << old_order.index(b) for b in block.branches)
     v1["_extra_state"] = torch.tensor([1, mask, block.pw_kxk_width, block.dws_expansion])

@@ -120,9 +120,9 @@ def test_fused_generation_gradients_match_autograd(out_ch, in_ch, groups, kernel
     filters = torch.randn(out_ch, 3, taps, generator=g, dtype=torch.float64)
     identity = kernels.stacked_identity(width, in_ch, groups)
     plan = kernels.generation_plan((out_ch, ig, *kernel_size), groups, BRANCHES, expansion)
-    flat = [r(6 * out_ch), r(out_ch, ig, *kernel_size), r(out_ch, ig, 3)]  # scales, origin, avg/prior/pw
+    flat = [r(6 * out_ch), r(out_ch, ig, *kernel_size), r(out_ch, 3, ig)]  # scales, origin, avg/prior/pw
     flat += [r(width, ig), r(out_ch, *kernel_size, width // groups)]  # pw_kxk (storage layout)
-    flat += [r(expansion * in_ch, 1, *kernel_size), r(in_ch, out_ch // groups, expansion)]  # dws
+    flat += [r(expansion * in_ch, 1, *kernel_size), r(in_ch, expansion, out_ch // groups)]  # dws
 
     def fused(*t):
         return kernels.generate_kernel_fused(plan, t[0], t[1], t[2], filters, t[3], identity, t[4], t[5], t[6])
@@ -131,7 +131,7 @@ def test_fused_generation_gradients_match_autograd(out_ch, in_ch, groups, kernel
         v = t[0].view(6, out_ch)  # rows in BRANCHES order: origin, avg, prior, pw, pw_kxk, dws
         return kernels.generate_kernel(
             kernel_size, groups, origin=(v[0], t[1]),
-            taps=(v[1:4], t[2].permute(2, 0, 1), filters.transpose(0, 1)),
+            taps=(v[1:4], t[2].transpose(0, 1), filters.transpose(0, 1)),
             pw_kxk=(v[4], t[3] + identity, kernels.natural_pw_kxk(t[4])),
             dws=(v[5], t[5], kernels.natural_dws_pointwise(t[6], groups), expansion),
         )
