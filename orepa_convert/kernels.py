@@ -240,8 +240,9 @@ class _GenerateKernel(torch.autograd.Function):
 
     It works on the block's storage layouts (fixed-filter 1x1 weights stacked ``[O, B, I/g]``, 1x1->kxk second
     factor ``[O, *K, t/g]``, depthwise-separable pointwise ``[I, e, O/g]``, scales ``[n, O]``), which make every
-    product a plain ``bmm`` and keep every per-channel scale multiply on a contiguous innermost axis. Each scale multiplies inside an ``addcmul``/``bmm`` rather than in a pass of its own.
-    Backward keeps only the inputs (and the small ``[t, I/g]`` first factor) and recomputes the rest.
+    product a plain ``bmm`` and keep every per-channel scale multiply on a contiguous innermost axis. In the
+    forward each scale multiplies inside an ``addcmul_`` (or the small filter stack) rather than in a pass of its
+    own. Backward keeps only the inputs (and the small ``[t, I/g]`` first factor) and recomputes the rest.
     """
 
     @staticmethod
@@ -264,7 +265,8 @@ class _GenerateKernel(torch.autograd.Function):
             prod = torch.bmm(pw.reshape(g, og * kk, tg), first.view(g, tg, ig))  # [g, O/g*kk, I/g]
             grouped.addcmul_(prod.view(g, og, kk, ig).transpose(2, 3), v[r_pw].view(g, og, 1, 1))
         if dws_pw is not None:
-            dense = torch.bmm(dws_pw.reshape(g * ig, e, og).transpose(1, 2), dws_dw.reshape(g * ig, e, kk))  # [g*I/g, O/g, kk]
+            pointwise = dws_pw.reshape(g * ig, e, og).transpose(1, 2)
+            dense = torch.bmm(pointwise, dws_dw.reshape(g * ig, e, kk))  # [g*I/g, O/g, kk]
             grouped.addcmul_(dense.view(g, ig, og, kk).transpose(1, 2), v[r_dws].view(g, og, 1, 1))
         ctx.plan = plan
         ctx.save_for_backward(scales, origin, taps, filters, pw, dws_dw, dws_pw, first)
