@@ -71,7 +71,12 @@ def generation_ahead_allowed() -> bool:
     if not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
     top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top_hooks is not None and top_hooks(False) is None
+    if top_hooks is None:
+        return False  # cannot tell whether saved-tensor hooks are active: generate in the block
+    try:
+        return top_hooks(False) is None
+    except Exception:  # another torch's signature or state: do not guess, generate in the block
+        return False
 
 
 def _needs_exact_context(device: torch.device) -> bool:
