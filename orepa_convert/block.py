@@ -105,23 +105,23 @@ def _exact_generation(device: torch.device) -> Iterator[None]:
 _V1_BRANCHES = ("origin", "avg", "prior", "pw_kxk", "pw", "dws")
 
 
-def _format_version(state: Any) -> int | None:
+def _saved_layout(state: Any) -> list[int] | None:
+    """A block's saved extra state as ``[format_version, branch mask, t, e]`` ints, or ``None`` if unreadable."""
     try:
-        return int(torch.as_tensor(state).flatten()[0])
-    except (TypeError, ValueError, RuntimeError, IndexError):
+        return [int(v) for v in torch.as_tensor(state).flatten().tolist()]
+    except (TypeError, ValueError, RuntimeError):
         return None
 
 
-def _upgrade_v1_state(state_dict: dict[str, Any], prefix: str, extra: Any) -> None:
+def _upgrade_v1_state(state_dict: dict[str, Any], prefix: str, saved: list[int]) -> None:
     """Rewrite a format-1 block state in place: ``weight_avg/prior/pw`` -> ``weight_taps``, ``scale_<branch>``
     -> ``scales`` and ``weight_dws_pw`` from ``[I, O/g, e]`` to ``[I, e, O/g]`` (same values, so the loaded block
     computes exactly what the saved one did)."""
-    saved = [int(v) for v in torch.as_tensor(extra).flatten().tolist()]
     if len(saved) < 4:
-        return  # unreadable: the layout check reports it
+        return  # incomplete: the layout check reports it
     branches = [b for i, b in enumerate(_V1_BRANCHES) if saved[1] >> i & 1]
     order = [b for b in BRANCHES if b in branches]
-    taps = [b for b in order if b in kernels.TAP_BRANCHES]
+    taps = kernels.tap_branches(order)
     if taps and all(prefix + f"weight_{b}" in state_dict for b in taps):
         state_dict[prefix + "weight_taps"] = torch.stack([state_dict.pop(prefix + f"weight_{b}") for b in taps], 1)
     if prefix + "weight_dws_pw" in state_dict:  # format 1 stored [I, O/g, e]
@@ -183,7 +183,7 @@ class OREPAConv(nn.Module):
             data = torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=gen)
             return nn.Parameter(data.to(device=weight.device, dtype=weight.dtype), weight.requires_grad)
 
-        taps = [b for b in self.branches if b in kernels.TAP_BRANCHES]
+        taps = kernels.tap_branches(self.branches)
         for branch in self.branches:
             if branch == "origin":
                 if config.init == "preserve":
@@ -261,7 +261,7 @@ class OREPAConv(nn.Module):
     def branch_weight(self, branch: str) -> Tensor:
         """The weight of a fixed-filter 1x1 branch (``avg``, ``prior``, ``pw``) as ``[O, I/g]``: a view into
         ``weight_taps``."""
-        taps = [b for b in self.branches if b in kernels.TAP_BRANCHES]
+        taps = kernels.tap_branches(self.branches)
         if branch not in taps:
             raise ValueError(f"{branch!r} is not a fixed-filter 1x1 branch of this block (it has {taps})")
         return self.weight_taps[:, taps.index(branch)]
@@ -278,7 +278,7 @@ class OREPAConv(nn.Module):
         cache = self.__dict__.setdefault("_constant_cache", {})
         key = (device, dtype)
         if key not in cache:
-            tap_names = [b for b in self.branches if b in kernels.TAP_BRANCHES]
+            tap_names = kernels.tap_branches(self.branches)
             filters = None
             if tap_names:
                 filters = torch.stack(
@@ -386,9 +386,8 @@ class OREPAConv(nn.Module):
             raise RuntimeError(problem)
 
     def _layout_problem(self, state: Any) -> str | None:
-        try:
-            saved = [int(v) for v in torch.as_tensor(state).flatten().tolist()]
-        except (TypeError, ValueError, RuntimeError):
+        saved = _saved_layout(state)
+        if saved is None:
             return f"unreadable OREPA block state {state!r}"
         mine = self._layout()
         if saved == mine:
@@ -416,8 +415,9 @@ class OREPAConv(nn.Module):
             )
             return
         extra = state_dict.get(prefix + "_extra_state")
-        if extra is not None and _format_version(extra) == 1:
-            _upgrade_v1_state(state_dict, prefix, extra)
+        saved = None if extra is None else _saved_layout(extra)
+        if saved and saved[0] == 1:
+            _upgrade_v1_state(state_dict, prefix, saved)
             extra = state_dict[prefix + "_extra_state"]
         problem = None if extra is None else self._layout_problem(extra)
         if problem:

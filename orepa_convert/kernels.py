@@ -203,6 +203,12 @@ def natural_dws_pointwise(pointwise: Tensor, groups: int) -> Tensor:
 TAP_BRANCHES: tuple[str, ...] = ("avg", "prior", "pw")
 
 
+def tap_branches(branches: Sequence[str]) -> list[str]:
+    """The fixed-filter 1x1 branches among ``branches``, in :data:`~orepa_convert.config.BRANCHES` order (the
+    order of their rows in a block's ``weight_taps`` and ``scales``)."""
+    return [b for b in TAP_BRANCHES if b in branches]
+
+
 class GenerationPlan(NamedTuple):
     """Static description of one block's kernel generation, built once per block.
 
@@ -228,7 +234,7 @@ def generation_plan(shape: Sequence[int], groups: int, branches: Sequence[str], 
     order = [b for b in BRANCHES if b in branches]
     if not order:
         raise ValueError(f"a generation plan needs at least one of the branches {BRANCHES}, got {branches!r}")
-    taps = [b for b in order if b in TAP_BRANCHES]
+    taps = tap_branches(order)
     rows = tuple(order.index(b) if b in order else -1 for b in ("origin", taps[0] if taps else "", "pw_kxk", "dws"))
     return GenerationPlan(
         tuple(shape), shape[0], shape[1], math.prod(shape[2:]), groups, len(order), rows, len(taps), expansion  # type: ignore[arg-type]
