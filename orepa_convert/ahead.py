@@ -1,12 +1,19 @@
-"""Generate every block's kernel at the start of the converted model's training forward pass.
+"""Generate every block's kernel at the start of the converted model's training forward pass, stacked.
 
 ``convert_to_orepa`` attaches two hooks to the model it converted. In training mode, the forward pre-hook
-generates the kernels of all the model's :class:`~orepa_convert.block.OREPAConv` blocks one after the other
-and hands each block its kernel; the forward hook drops whatever was not used. The result is the same
-function and the same gradients as generating inside each block. It is faster on CPUs: the generation work
-runs back to back instead of between large convolutions that evict the caches, and autograd, which runs the
-most recently created nodes first, then also runs the generation backward passes back to back, at the end of
-the backward pass.
+groups the model's :class:`~orepa_convert.block.OREPAConv` blocks by generation plan (kernel shape, groups,
+branches, widths), dtype and device, generates each group's kernels as one autograd node over the stacked
+parameters, and hands each block its kernel; the forward hook drops whatever was not used. The function and the
+gradients are those of generating inside each block, with far fewer ops: yolov8n's 39 blocks form 15 groups,
+so a training step runs about 15 generation nodes instead of 39 (on a GPU: that many fewer kernel launches).
+On CPUs it is also faster because the generation work runs back to back instead of between large
+convolutions that evict the caches; autograd, which runs the most recently created nodes first, then also runs
+the generation backward passes back to back, at the end of the backward pass.
+
+That last point is why it is off in a distributed run (``torch.distributed`` initialised with more than one
+process): DDP all-reduces gradient buckets while the backward pass goes on, and branch gradients that all
+arrive at the end would delay every bucket holding them. There each block generates its kernel in its own
+forward, and its generation backward runs right after its convolution's.
 
 A block only takes a kernel generated ahead when its parameters are unchanged since (version counters) and
 nothing records the forward differently: no ``torch.compile`` tracing, no functorch transform, no saved-tensor
@@ -17,18 +24,37 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
-from .block import OREPAConv, generation_ahead_allowed
+from .block import OREPAConv, _autocast_off, generate_kernels, generation_ahead_allowed, generation_dtype
+
+
+def distributed_run() -> bool:
+    """Whether this process is one of several in an initialised ``torch.distributed`` group."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def generate_all(root: nn.Module) -> None:
+    """Generate the kernel of every training-mode block of ``root`` now, one autograd node per group of
+    blocks with the same plan, dtype and device, for their next forward."""
+    groups: dict[tuple, list[OREPAConv]] = {}
+    for module in root.modules():
+        if isinstance(module, OREPAConv) and module.training:
+            scales = module._parameters["scales"]
+            groups.setdefault((module._plan, scales.dtype, scales.device), []).append(module)
+    for (plan, dtype, device), blocks in groups.items():
+        with _autocast_off(device):
+            kernels = generate_kernels(plan, blocks, generation_dtype(dtype))
+        for block, kernel in zip(blocks, kernels):
+            block.__dict__["_ahead"] = (block._cache_key(), kernel if kernel.dtype == dtype else kernel.to(dtype))
 
 
 def _generate_ahead(root: nn.Module, args: Any) -> None:
-    """Forward pre-hook: generate every training-mode block's kernel now."""
-    if not root.training or not generation_ahead_allowed():
-        return
-    for module in root.modules():
-        if isinstance(module, OREPAConv) and module.training:
-            module.generate_ahead()
+    """Forward pre-hook: generate every training-mode block's kernel now (not in a distributed run)."""
+    if root.training and generation_ahead_allowed() and not distributed_run():
+        generate_all(root)
 
 
 def _drop_unused(root: nn.Module, args: Any, output: Any) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -79,26 +78,53 @@ def generation_ahead_allowed() -> bool:
         return False
 
 
-def _needs_exact_context(device: torch.device) -> bool:
-    """Whether autocast or a reduced float32 matmul precision is active (so :func:`_exact_generation` has
-    something to switch off)."""
+def generation_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a block generates its kernel in: float64 for float64 parameters; else float32, or float64
+    while float32 matmuls may run at reduced precision (``torch.set_float32_matmul_precision`` other than
+    ``"highest"``, e.g. TF32), which would make the trained function drift from the exact fold by ~1e-3. This
+    reads the global setting and never changes it (thread-safe, no graph break)."""
+    if param_dtype == torch.float64 or _reduced_float32_matmuls():
+        return torch.float64
+    return torch.float32
+
+
+@torch.compiler.assume_constant_result
+def _reduced_float32_matmuls() -> bool:
+    """Whether float32 matmuls may run at reduced precision. Under ``torch.compile`` it is read once, when the
+    graph is traced (set the precision before compiling, as the compiled matmuls follow it too)."""
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+def traced_generation() -> bool:
+    """Whether generation must use plain differentiable ops: under ``torch.compile`` tracing (the compiler
+    derives and fuses the backward) or inside ``torch.func`` transforms (which cannot see through the fused
+    autograd node)."""
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast disabled on ``device`` (thread-local state) if it is enabled there."""
     if torch.is_autocast_enabled(device.type):
-        return True
-    return not torch.compiler.is_compiling() and torch.get_float32_matmul_precision() != "highest"
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
-@contextlib.contextmanager
-def _exact_generation(device: torch.device) -> Iterator[None]:
-    """Autocast off and full-precision float32 matmuls (no TF32 / reduced precision) while generating."""
-    with contextlib.ExitStack() as stack:
-        if torch.is_autocast_enabled(device.type):
-            stack.enter_context(torch.autocast(device.type, enabled=False))
-        if not torch.compiler.is_compiling():
-            previous = torch.get_float32_matmul_precision()
-            if previous != "highest":
-                torch.set_float32_matmul_precision("highest")
-                stack.callback(torch.set_float32_matmul_precision, previous)
-        yield
+def generate_kernels(plan: kernels.GenerationPlan, blocks: list[OREPAConv], dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """The kernels of ``blocks`` (all with ``plan``, parameters of one dtype and device) in ``dtype``: one fused
+    autograd node for all of them, or plain ops per block under :func:`traced_generation`. Kernels come back
+    in ``dtype``."""
+    first = blocks[0]
+    filters, identity = first.tap_filters, first.pw_kxk_identity
+    if filters is not None and filters.dtype != dtype:
+        filters = filters.to(dtype)
+    if identity is not None and identity.dtype != dtype:
+        identity = identity.to(dtype)
+    if traced_generation():
+        return tuple(
+            kernels.generate_kernel_autograd(plan, [t.to(dtype) for t in b.generation_inputs()], filters, identity)
+            for b in blocks
+        )
+    return kernels.generate_kernels_stacked(plan, [b.generation_inputs() for b in blocks], filters, identity, dtype)
 
 
 #: Branch order of format version 1 (bit order of its branch mask); it kept one tensor per branch and scale.
@@ -214,7 +240,7 @@ class OREPAConv(nn.Module):
         scales = torch.tensor(values, dtype=torch.float64).repeat_interleave(out_channels)
         # one 1-D parameter [n * O]; row j of its [n, O] view scales branch j (see scale())
         self.scales = nn.Parameter(scales.to(device=weight.device, dtype=weight.dtype), weight.requires_grad)
-        self._plan = kernels.generation_plan(weight.shape, groups, self.branches, expansion)
+        self._plan = kernels.generation_plan(weight.shape, groups, self.branches, expansion, width)
 
         # Take the conv over: its weight is generated from now on, its bias lives here.
         bias = conv._parameters["bias"] if "bias" in conv._parameters else None
@@ -222,6 +248,11 @@ class OREPAConv(nn.Module):
         del conv._parameters["weight"]
         conv._parameters["bias"] = None
         object.__setattr__(self, "_conv", conv)  # not a submodule: it holds no tensors
+        # The fixed tap filters [O, B, kk] and the 1x1->kxk identity [t, I/g]: non-persistent buffers (out of
+        # the state_dict), kept exact in the generation dtype by _apply (so .half() never rounds them).
+        self.register_buffer("tap_filters", None, persistent=False)
+        self.register_buffer("pw_kxk_identity", None, persistent=False)
+        self._refresh_constants()
         self.train(conv.training)
 
     # ------------------------------------------------------------------ conv attributes
@@ -272,46 +303,49 @@ class OREPAConv(nn.Module):
         return self.branches.index(branch)
 
     # ------------------------------------------------------------------ kernel generation
-    def _constants(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
-        """Fixed tap filters ``[O, B, kk]`` and the 1x1->kxk identity ``[t, I/g]``, built once per device and
-        dtype in float64 and kept out of the state_dict (so a ``.half()`` round trip never rounds them)."""
-        cache = self.__dict__.setdefault("_constant_cache", {})
-        key = (device, dtype)
-        if key not in cache:
-            tap_names = kernels.tap_branches(self.branches)
-            filters = None
-            if tap_names:
-                filters = torch.stack(
-                    [kernels.tap_filter(b, self.out_channels, self.kernel_size).flatten(1) for b in tap_names], 1
-                ).to(device=device, dtype=dtype)  # [O, B, kk]
-            identity = None
-            if "pw_kxk" in self.branches:
-                identity = kernels.stacked_identity(self.pw_kxk_width, self.in_channels, self.groups)
-                identity = identity.to(device=device, dtype=dtype)
-            cache[key] = (filters, identity)
-        return cache[key]
+    def _refresh_constants(self) -> None:
+        """(Re)build the fixed buffers from their exact float64 values on the parameters' device, in the dtype
+        the kernel is generated in."""
+        scales = self._parameters["scales"]
+        dtype = torch.float64 if scales.dtype == torch.float64 else torch.float32
+        taps = kernels.tap_branches(self.branches)
+        if taps:
+            filters = torch.stack([kernels.tap_filter(b, self.out_channels, self.kernel_size).flatten(1) for b in taps], 1)
+            self.tap_filters = filters.to(device=scales.device, dtype=dtype)  # [O, B, kk]
+        if "pw_kxk" in self.branches:
+            identity = kernels.stacked_identity(self.pw_kxk_width, self.in_channels, self.groups)
+            self.pw_kxk_identity = identity.to(device=scales.device, dtype=dtype)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        super()._apply(fn, recurse)
+        self._refresh_constants()
+        return self
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "tap_filters" not in self._buffers:  # pickled by a version that kept them in a cache
+            self._buffers.update(tap_filters=None, pw_kxk_identity=None)
+            self._non_persistent_buffers_set.update(("tap_filters", "pw_kxk_identity"))
+            self._refresh_constants()
+
+    def generation_inputs(self) -> list[Tensor]:
+        """The block's parameter tensors in :attr:`kernels.GenerationPlan.kinds` order."""
+        params = self._parameters
+        names = ("scales", "weight_origin", "weight_taps", "weight_pw_kxk_in", "weight_pw_kxk", "weight_dws_dw",
+                 "weight_dws_pw")  # fmt: skip
+        return [params[n] for n in names if params.get(n) is not None]
 
     def generate_kernel(self, compute_dtype: torch.dtype | None = None) -> Tensor:
         """Generate the kernel ``[O, I/g, *K]`` in the parameters' dtype.
 
-        It is computed in ``compute_dtype`` (default: float32, or float64 for float64 parameters) with
-        autocast off and full-precision matmuls, so mixed precision never changes the trained function.
+        It is computed in ``compute_dtype`` (default: :func:`generation_dtype`) with autocast off, so mixed
+        precision never changes the trained function. Under ``torch.compile`` and ``torch.func`` it is built from
+        plain differentiable ops, otherwise as one fused autograd node.
         """
-        # Runs every training step: kept to a few dictionary lookups before the one autograd node.
-        params = self._parameters
-        scales = params["scales"]
-        dtype = compute_dtype or (torch.float64 if scales.dtype == torch.float64 else torch.float32)
-        filters, identity = self._constants(scales.device, dtype)
-        tensors = [scales, params.get("weight_origin"), params.get("weight_taps"), filters,
-                   params.get("weight_pw_kxk_in"), identity, params.get("weight_pw_kxk"),
-                   params.get("weight_dws_dw"), params.get("weight_dws_pw")]  # fmt: skip
-        if scales.dtype != dtype or any(t is not None and t.dtype != dtype for t in tensors):
-            tensors = [t if t is None else t.to(dtype) for t in tensors]
-        if _needs_exact_context(scales.device):
-            with _exact_generation(scales.device):
-                kernel = kernels.generate_kernel_fused(self._plan, *tensors)
-        else:
-            kernel = kernels.generate_kernel_fused(self._plan, *tensors)
+        scales = self._parameters["scales"]
+        dtype = compute_dtype or generation_dtype(scales.dtype)
+        with _autocast_off(scales.device):
+            kernel = generate_kernels(self._plan, [self], dtype)[0]
         return kernel if kernel.dtype == scales.dtype else kernel.to(scales.dtype)
 
     def _cache_key(self) -> tuple:
@@ -325,13 +359,14 @@ class OREPAConv(nn.Module):
         """The kernel for this forward pass: one generated ahead for it if still valid; else from the eval
         cache only while autograd is not recording, and only if no parameter changed (version counters,
         storage, dtype, device); else generated now."""
+        if traced_generation():
+            return self.generate_kernel()
         ahead = self.__dict__.pop("_ahead", None)
         if ahead is not None and ahead[0] == self._cache_key() and generation_ahead_allowed():
             return ahead[1]
         cacheable = (
             self.eval_cache
             and not self.training
-            and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and any(p.requires_grad for p in self._parameters.values() if p is not None))
         )
         if not cacheable:
@@ -430,7 +465,6 @@ class OREPAConv(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_kernel_cache", None)  # derived, device-bound: never pickled or deep-copied
-        state.pop("_constant_cache", None)
         state.pop("_ahead", None)
         return state
 

@@ -210,11 +210,13 @@ def tap_branches(branches: Sequence[str]) -> list[str]:
 
 
 class GenerationPlan(NamedTuple):
-    """Static description of one block's kernel generation, built once per block.
+    """Static description of one block's kernel generation, built once per block (blocks with equal plans
+    generate together, stacked).
 
     ``shape`` is the kernel shape ``[O, I/g, *K]``; ``rows`` gives the row of ``scales [n, O]`` of the origin
     branch, of the first fixed-filter 1x1 branch, of ``pw_kxk`` and of ``dws`` (-1 when absent); ``num_taps``
-    is the number of fixed-filter 1x1 branches (their rows follow each other).
+    is the number of fixed-filter 1x1 branches (their rows follow each other); ``width`` is the 1x1->kxk
+    internal width ``t`` (0 without that branch).
     """
 
     shape: tuple[int, ...]
@@ -226,113 +228,178 @@ class GenerationPlan(NamedTuple):
     rows: tuple[int, int, int, int]
     num_taps: int
     expansion: int
+    width: int = 0
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The parameter tensors a block with this plan has, in :data:`PARAMETER_KINDS` order."""
+        r_origin, r_taps, r_pw, r_dws = self.rows
+        present = {"scales": True, "origin": r_origin >= 0, "taps": r_taps >= 0, "pw_in": r_pw >= 0,
+                   "pw": r_pw >= 0, "dws_dw": r_dws >= 0, "dws_pw": r_dws >= 0}  # fmt: skip
+        return tuple(k for k in PARAMETER_KINDS if present[k])
+
+    def storage_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Storage shape of each parameter tensor of :attr:`kinds`."""
+        o, ig, g, e, k = self.out_channels, self.in_per_group, self.groups, self.expansion, self.shape[2:]
+        shapes = {"scales": (self.num_branches * o,), "origin": self.shape, "taps": (o, self.num_taps, ig),
+                  "pw_in": (self.width, ig), "pw": (o, *k, self.width // g), "dws_dw": (e * ig * g, 1, *k),
+                  "dws_pw": (ig * g, e, o // g)}  # fmt: skip
+        return {kind: shapes[kind] for kind in self.kinds}
 
 
-def generation_plan(shape: Sequence[int], groups: int, branches: Sequence[str], expansion: int) -> GenerationPlan:
+#: The parameter tensors of a block, in the order :func:`generate_kernels_stacked` takes them.
+PARAMETER_KINDS: tuple[str, ...] = ("scales", "origin", "taps", "pw_in", "pw", "dws_dw", "dws_pw")
+
+
+def generation_plan(
+    shape: Sequence[int], groups: int, branches: Sequence[str], expansion: int, width: int = 0
+) -> GenerationPlan:
     """The :class:`GenerationPlan` of a block with kernel ``shape`` and ``branches`` (scale rows in
-    :data:`~orepa_convert.config.BRANCHES` order)."""
+    :data:`~orepa_convert.config.BRANCHES` order); ``width`` is the 1x1->kxk internal width."""
     order = [b for b in BRANCHES if b in branches]
     if not order:
         raise ValueError(f"a generation plan needs at least one of the branches {BRANCHES}, got {branches!r}")
+    if "pw_kxk" in order and (width < groups or width % groups):
+        raise ValueError(f"the 1x1->kxk branch needs a width that is a positive multiple of groups={groups}, got {width}")
     taps = tap_branches(order)
     rows = tuple(order.index(b) if b in order else -1 for b in ("origin", taps[0] if taps else "", "pw_kxk", "dws"))
     return GenerationPlan(
-        tuple(shape), shape[0], shape[1], math.prod(shape[2:]), groups, len(order), rows, len(taps), expansion  # type: ignore[arg-type]
+        tuple(shape), shape[0], shape[1], math.prod(shape[2:]), groups, len(order), rows, len(taps),  # type: ignore[arg-type]
+        expansion, width if "pw_kxk" in order else 0,
     )
 
 
-class _GenerateKernel(torch.autograd.Function):
-    """The per-step OREPA kernel as one autograd node.
+def _stacked_forward(plan: GenerationPlan, count: int, t: dict[str, Tensor], filters: Tensor | None,
+                     identity: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+    """The kernels ``[G, O, I/g, kk]`` of ``G = count`` blocks from their stacked storage tensors ``t`` (each
+    ``[G, *storage shape]``), and what the backward keeps. Eight ops whatever ``G``."""
+    G, o, ig, kk, g, e = count, plan.out_channels, plan.in_per_group, plan.kernel_taps, plan.groups, plan.expansion
+    og, (r_origin, r_taps, r_pw, r_dws) = o // g, plan.rows
+    v = t["scales"].view(G, plan.num_branches, o)
+    keep: dict[str, Tensor] = {}
+    if r_origin >= 0:
+        kernel = t["origin"].reshape(G, o, ig, kk) * v[:, r_origin, :, None, None]
+    else:
+        kernel = v.new_zeros(G, o, ig, kk)
+    if r_taps >= 0:
+        b = plan.num_taps
+        keep["fv"] = fv = filters * v[:, r_taps : r_taps + b].transpose(1, 2).unsqueeze(-1)  # [G, O, B, kk]
+        kernel.view(G * o, ig, kk).baddbmm_(t["taps"].reshape(G * o, b, ig).transpose(1, 2), fv.view(G * o, b, kk))
+    grouped = kernel.view(G * g, og, ig, kk)
+    if r_pw >= 0:
+        tg = plan.width // g
+        keep["first"] = first = t["pw_in"] + identity  # [G, t, I/g]
+        # the unscaled branch kernel in [G*g, O/g, kk, I/g] layout; kept for the scale gradient
+        keep["prod"] = prod = torch.bmm(t["pw"].reshape(G * g, og * kk, tg), first.view(G * g, tg, ig))
+        grouped.addcmul_(prod.view(G * g, og, kk, ig).transpose(2, 3), v[:, r_pw].reshape(G * g, og, 1, 1))
+    if r_dws >= 0:
+        pointwise = t["dws_pw"].reshape(G * g * ig, e, og).transpose(1, 2)
+        keep["dense"] = dense = torch.bmm(pointwise, t["dws_dw"].reshape(G * g * ig, e, kk))  # [G*I, O/g, kk]
+        grouped.addcmul_(dense.view(G * g, ig, og, kk).transpose(1, 2), v[:, r_dws].reshape(G * g, og, 1, 1))
+    return kernel, keep
 
-    It works on the block's storage layouts (fixed-filter 1x1 weights stacked ``[O, B, I/g]``, 1x1->kxk second
-    factor ``[O, *K, t/g]``, depthwise-separable pointwise ``[I, e, O/g]``, scales ``[n, O]``), which make every
-    product a plain ``bmm`` and keep every per-channel scale multiply on a contiguous innermost axis. In the
-    forward each scale multiplies inside an ``addcmul_`` (or the small filter stack) rather than in a pass of its
-    own. Backward keeps only the inputs (and the small ``[t, I/g]`` first factor) and recomputes the rest.
+
+def _stacked_backward(plan: GenerationPlan, count: int, grad: Tensor, t: dict[str, Tensor], keep: dict[str, Tensor],
+                      filters: Tensor | None) -> dict[str, Tensor]:
+    """Gradients ``[G, *storage shape]`` of every parameter kind from the stacked kernel gradients ``grad``.
+
+    Every gradient that a scale multiplies comes straight out of a contraction with an already scaled factor
+    (or a single scaling pass that also makes the layout contiguous); each scale gradient is one product and
+    one reduction. Seventeen ops whatever ``G``.
+    """
+    G, o, ig, kk, g, e = count, plan.out_channels, plan.in_per_group, plan.kernel_taps, plan.groups, plan.expansion
+    og, n, (r_origin, r_taps, r_pw, r_dws) = o // g, plan.num_branches, plan.rows
+    grad = grad.reshape(G, o, ig, kk)
+    v = t["scales"].view(G, n, o)
+    fv = keep.get("fv")
+    unit = _denormal_guard_unit(grad)
+    if unit != 1.0:
+        # A tiny gradient (e.g. behind a zero-initialised BN gamma) times tiny scales would underflow into
+        # denormals inside the GEMMs, ~100x slower on CPUs. Work on the gradient divided by a power of two near
+        # its maximum (exact), multiply the scales that weight the branch gradients by that power (flushing
+        # what leaves the normal range) and the scale gradients at the end.
+        grad = grad / unit
+        v = _scaled_flushed(v, unit)
+        fv = None if fv is None else _scaled_flushed(fv, unit)
+    dv = grad.new_empty(G, n, o)
+    out: dict[str, Tensor] = {"scales": dv}
+    if r_origin >= 0:
+        origin = t["origin"].reshape(G, o, ig, kk)
+        torch.sum(grad * origin, (2, 3), out=dv[:, r_origin])
+        out["origin"] = (grad * v[:, r_origin, :, None, None]).view(t["origin"].shape)
+    if r_taps >= 0:
+        b = plan.num_taps
+        rows = grad.view(G * o, ig, kk)
+        u = torch.bmm(t["taps"].reshape(G * o, b, ig), rows)  # [G*O, B, kk]
+        torch.sum(u.view(G, o, b, kk) * filters, 3, out=dv[:, r_taps : r_taps + b].transpose(1, 2))
+        out["taps"] = torch.bmm(fv.view(G * o, b, kk), rows.transpose(1, 2)).view(t["taps"].shape)
+    if r_pw >= 0:
+        tg = plan.width // g
+        grouped = grad.view(G * g, og, ig, kk)
+        # the scaled gradient, transposed to [G*g, O/g, kk, I/g] in the same pass
+        gt = grad.new_empty(G * g, og, kk, ig)
+        torch.mul(grouped.transpose(2, 3), v[:, r_pw].reshape(G * g, og, 1, 1), out=gt)
+        gt = gt.view(G * g, og * kk, ig)
+        out["pw"] = torch.bmm(gt, keep["first"].view(G * g, tg, ig).transpose(1, 2)).view(t["pw"].shape)
+        out["pw_in"] = torch.bmm(t["pw"].reshape(G * g, og * kk, tg).transpose(1, 2), gt).view(t["pw_in"].shape)
+        prod = keep["prod"].view(G, g, og, kk, ig).transpose(3, 4)
+        torch.sum(grad.view(G, g, og, ig, kk) * prod, (3, 4), out=dv[:, r_pw].view(G, g, og))
+    if r_dws >= 0:
+        # the scaled gradient as [G*g*I/g, O/g, kk] (input channel outermost), in one pass
+        scaled = grad.new_empty(G * g, ig, og, kk)
+        torch.mul(grad.view(G * g, og, ig, kk).transpose(1, 2), v[:, r_dws].reshape(G * g, 1, og, 1), out=scaled)
+        scaled = scaled.view(G * g * ig, og, kk)
+        pointwise = t["dws_pw"].reshape(G * g * ig, e, og)
+        out["dws_dw"] = torch.bmm(pointwise, scaled).view(t["dws_dw"].shape)
+        out["dws_pw"] = torch.bmm(t["dws_dw"].reshape(G * g * ig, e, kk), scaled.transpose(1, 2)).view(t["dws_pw"].shape)
+        dense = keep["dense"].view(G, g, ig, og, kk).transpose(2, 3)
+        torch.sum(grad.view(G, g, og, ig, kk) * dense, (3, 4), out=dv[:, r_dws].view(G, g, og))
+    if unit != 1.0:
+        out["scales"] = _scaled_flushed(dv, unit)
+    out["scales"] = out["scales"].view(t["scales"].shape)
+    return out
+
+
+class _GenerateStacked(torch.autograd.Function):
+    """The kernels of ``count`` blocks with one :class:`GenerationPlan`, as one autograd node.
+
+    Inputs are every block's storage tensors, kind-major (all scales, then all origin weights, ...). One block
+    works on views (``unsqueeze``); several are concatenated in one ``cat`` and computed with a leading stack
+    dimension, so the number of ops (on a GPU: kernel launches) does not grow with the number of blocks. Backward
+    keeps the inputs, the small filter stack, the ``[t, I/g]`` first factor and the unscaled 1x1->kxk and
+    depthwise-separable branch kernels, and returns each block's gradients as views of the stacked results.
     """
 
     @staticmethod
-    def forward(ctx, plan, scales, origin, taps, filters, pw_in, identity, pw, dws_dw, dws_pw):  # type: ignore[override]
-        o, ig, kk, g, e = plan.out_channels, plan.in_per_group, plan.kernel_taps, plan.groups, plan.expansion
-        og = o // g
-        r_origin, r_taps, r_pw, r_dws = plan.rows
-        v = scales.view(plan.num_branches, o)
-        if origin is not None:
-            kernel = origin.reshape(o, ig, kk) * v[r_origin].view(o, 1, 1)
+    def forward(ctx, plan, count, dtype, filters, identity, *flat):  # type: ignore[override]
+        shapes = plan.storage_shapes()
+        kinds = plan.kinds
+        if count == 1:
+            stacked = [x.to(dtype).unsqueeze(0) for x in flat]
         else:
-            kernel = scales.new_zeros(o, ig, kk)
-        if taps is not None:
-            kernel.baddbmm_(taps.transpose(1, 2), filters * v[r_taps : r_taps + plan.num_taps].t().unsqueeze(-1))
-        grouped = kernel.view(g, og, ig, kk)
-        first = None
-        if pw is not None:
-            first = pw_in + identity  # [t, I/g]
-            tg = pw.shape[-1]
-            prod = torch.bmm(pw.reshape(g, og * kk, tg), first.view(g, tg, ig))  # [g, O/g*kk, I/g]
-            grouped.addcmul_(prod.view(g, og, kk, ig).transpose(2, 3), v[r_pw].view(g, og, 1, 1))
-        if dws_pw is not None:
-            pointwise = dws_pw.reshape(g * ig, e, og).transpose(1, 2)
-            dense = torch.bmm(pointwise, dws_dw.reshape(g * ig, e, kk))  # [g*I/g, O/g, kk]
-            grouped.addcmul_(dense.view(g, ig, og, kk).transpose(1, 2), v[r_dws].view(g, og, 1, 1))
-        ctx.plan = plan
-        ctx.save_for_backward(scales, origin, taps, filters, pw, dws_dw, dws_pw, first)
-        return kernel.view(plan.shape)
+            buffer = torch.cat([x.reshape(-1) for x in flat]).to(dtype)
+            sizes = [count * math.prod(shapes[k]) for k in kinds]
+            stacked = [part.view(count, *shapes[k]) for part, k in zip(buffer.split(sizes), kinds)]
+        kernel, keep = _stacked_forward(plan, count, dict(zip(kinds, stacked)), filters, identity)
+        ctx.plan, ctx.count, ctx.keep_names = plan, count, tuple(keep)
+        ctx.in_dtypes = tuple(x.dtype for x in flat[::count])
+        ctx.save_for_backward(filters, *stacked, *keep.values())
+        return tuple(kernel.view(count, *plan.shape).unbind(0))
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        scales, origin, taps, filters, pw, dws_dw, dws_pw, first = ctx.saved_tensors
-        plan = ctx.plan
-        o, ig, kk, g, e = plan.out_channels, plan.in_per_group, plan.kernel_taps, plan.groups, plan.expansion
-        n, og = plan.num_branches, o // g
-        r_origin, r_taps, r_pw, r_dws = plan.rows
-        grad = grad.reshape(o, ig, kk).contiguous()
-        v = scales.view(n, o)
-        unit = _denormal_guard_unit(grad)
-        if unit != 1.0:
-            # A tiny gradient (e.g. behind a zero-initialised BN gamma) times tiny scales would underflow into
-            # denormals inside the GEMMs, ~100x slower on CPUs. Work on the gradient divided by a power of two
-            # near its maximum (exact), multiply the scales that weight the branch gradients by that power
-            # (flushing what leaves the normal range) and the scale gradients at the end.
-            grad = grad / unit
-            v = _scaled_flushed(v, unit)
-        dv = torch.empty_like(scales).view(n, o)
-        d_origin = d_taps = d_pw_in = d_pw = d_dw = d_dws_pw = None
-        if origin is not None:
-            torch.linalg.vecdot(grad.view(o, ig * kk), origin.reshape(o, ig * kk), out=dv[r_origin])
-            d_origin = (grad * v[r_origin].view(o, 1, 1)).view_as(origin)
-        if taps is not None:
-            b = plan.num_taps
-            h = torch.bmm(filters, grad.transpose(1, 2))  # [O, B, I/g]: dL/d(scaled 1x1 weights) / scale
-            torch.linalg.vecdot(h, taps, out=dv[r_taps : r_taps + b].t())
-            d_taps = h.mul_(v[r_taps : r_taps + b].t().unsqueeze(-1))
-        if pw is not None or dws_pw is not None:
-            grouped = grad.view(g, og, ig, kk)
-        if pw is not None:
-            tg = pw.shape[-1]
-            second = pw.reshape(g, og * kk, tg)
-            gt = _copy(grouped.transpose(2, 3)).view(g, og * kk, ig)  # one layout copy, scaled in place below
-            prod = torch.bmm(gt, first.view(g, tg, ig).transpose(1, 2))  # [g, O/g*kk, t/g]
-            torch.linalg.vecdot(prod.view(o, kk * tg), pw.reshape(o, kk * tg), out=dv[r_pw])
-            scale = v[r_pw].view(g, og, 1)
-            gt.view(g, og, kk * ig).mul_(scale)
-            d_pw_in = torch.bmm(second.transpose(1, 2), gt).view(-1, ig)
-            d_pw = prod.view(g, og, kk * tg).mul_(scale).view_as(pw)
-        if dws_pw is not None:
-            pointwise = dws_pw.reshape(g, ig, e, og)
-            gq = grouped.transpose(1, 2)  # [g, I/g, O/g, kk]: strided batches, no copy when g == 1
-            prod = torch.matmul(dws_dw.reshape(g, ig, e, kk), gq.transpose(2, 3))  # [g, I/g, e, O/g]
-            torch.sum((prod * pointwise).view(g, ig * e, og), 1, out=dv[r_dws].view(g, og))
-            scale = v[r_dws]
-            scaled = (grad * scale.view(o, 1, 1)).view(g, og, ig, kk).transpose(1, 2)
-            d_dw = torch.matmul(pointwise, scaled).view_as(dws_dw)  # [g, I/g, e, kk]
-            d_dws_pw = prod.mul_(scale.view(g, 1, 1, og)).view_as(dws_pw)
-        d_scales = (dv if unit == 1.0 else _scaled_flushed(dv, unit)).view_as(scales)
-        return None, d_scales, d_origin, d_taps, None, d_pw_in, None, d_pw, d_dw, d_dws_pw
-
-
-def _copy(t: Tensor) -> Tensor:
-    """A contiguous copy of ``t`` that never aliases it (``reshape``/``contiguous`` may return a view)."""
-    return t.clone(memory_format=torch.contiguous_format)
+    def backward(ctx, *grads):  # type: ignore[override]
+        plan, count = ctx.plan, ctx.count
+        filters, *saved = ctx.saved_tensors
+        kinds = plan.kinds
+        t = dict(zip(kinds, saved[: len(kinds)]))
+        keep = dict(zip(ctx.keep_names, saved[len(kinds) :]))
+        grad = grads[0].unsqueeze(0) if count == 1 else torch.stack(grads)
+        out = _stacked_backward(plan, count, grad.contiguous(), t, keep, filters)
+        result: list[Tensor | None] = []
+        for kind, dtype in zip(kinds, ctx.in_dtypes):
+            result.extend(out[kind].to(dtype).unbind(0))
+        needed = ctx.needs_input_grad[5:]
+        return (None, None, None, None, None, *(r if need else None for r, need in zip(result, needed)))
 
 
 def _scaled_flushed(v: Tensor, unit: float) -> Tensor:
@@ -355,11 +422,70 @@ def _denormal_guard_unit(grad: Tensor) -> float:
     entry (GPUs process denormals at full speed; ordinary gradients are far from underflow)."""
     if grad.device.type != "cpu" or torch.compiler.is_compiling() or _flushes_denormals():
         return 1.0
-    low, high = (v.item() for v in torch.aminmax(grad))  # one pass, no temporary
+    low, high = torch.stack(torch.aminmax(grad)).tolist()  # one pass, one host read
     largest = max(-low, high)
     if largest == 0.0 or largest >= 2.0**-60 or not math.isfinite(largest):
         return 1.0
     return 2.0 ** math.floor(math.log2(largest))
+
+
+def generate_kernels_stacked(
+    plan: GenerationPlan,
+    blocks: Sequence[Sequence[Tensor]],
+    filters: Tensor | None,
+    identity: Tensor | None,
+    dtype: torch.dtype,
+) -> tuple[Tensor, ...]:
+    """The OREPA kernels of blocks sharing one ``plan``, in ``dtype``, as one autograd node (a step's generation).
+
+    Args:
+        plan: shapes and scale rows, from :func:`generation_plan`.
+        blocks: per block, its storage tensors in :attr:`GenerationPlan.kinds` order: ``scales [n * O]`` (row
+            ``j`` of its ``[n, O]`` view scales branch ``j``), origin ``W [O, I/g, *K]``, fixed-filter 1x1
+            weights ``[O, B, I/g]``, the 1x1->kxk learned first factor ``[t, I/g]`` and second factor
+            ``[O, *K, t/g]``, depthwise ``[e*I, 1, *K]`` and pointwise ``[I, e, O/g]`` (absent branches omitted).
+        filters: the fixed tap filters ``[O, B, kk]`` (``None`` without fixed-filter branches).
+        identity: the fixed part ``[t, I/g]`` of the 1x1->kxk first factor (``None`` without that branch).
+        dtype: the compute dtype (the parameters may have another; gradients come back in theirs).
+
+    Returns one kernel ``[O, I/g, *K]`` per block. Equals :func:`generate_kernel` on the natural layouts
+    (:func:`natural_pw_kxk`, :func:`natural_dws_pointwise`), and :func:`generate_kernel_autograd`.
+    """
+    kinds = plan.kinds
+    if not blocks or any(len(b) != len(kinds) for b in blocks):
+        raise ValueError(f"each block needs its {len(kinds)} tensors {kinds}")
+    flat = [block[i] for i in range(len(kinds)) for block in blocks]
+    return _GenerateStacked.apply(plan, len(blocks), dtype, filters, identity, *flat)
+
+
+def generate_kernel_autograd(
+    plan: GenerationPlan, tensors: Sequence[Tensor], filters: Tensor | None, identity: Tensor | None
+) -> Tensor:
+    """One block's kernel from its storage tensors (as :func:`generate_kernels_stacked` takes them) with plain,
+    differentiable torch ops: what ``torch.compile`` traces (its compiler fuses the elementwise work) and what
+    ``torch.func`` transforms and double backward go through."""
+    t = dict(zip(plan.kinds, tensors))
+    o, ig, kk, g, e = plan.out_channels, plan.in_per_group, plan.kernel_taps, plan.groups, plan.expansion
+    og, (r_origin, r_taps, r_pw, r_dws) = o // g, plan.rows
+    v = t["scales"].view(plan.num_branches, o)
+    parts = []
+    if r_origin >= 0:
+        parts.append(t["origin"].reshape(o, ig, kk) * v[r_origin].view(o, 1, 1))
+    if r_taps >= 0:
+        fv = filters * v[r_taps : r_taps + plan.num_taps].t().unsqueeze(-1)  # [O, B, kk]
+        parts.append(torch.bmm(t["taps"].transpose(1, 2), fv))
+    if r_pw >= 0:
+        tg = plan.width // g
+        prod = torch.bmm(t["pw"].reshape(g, og * kk, tg), (t["pw_in"] + identity).view(g, tg, ig))
+        parts.append((prod.view(g, og, kk, ig).transpose(2, 3) * v[r_pw].view(g, og, 1, 1)).reshape(o, ig, kk))
+    if r_dws >= 0:
+        pointwise = t["dws_pw"].reshape(g * ig, e, og).transpose(1, 2)
+        dense = torch.bmm(pointwise, t["dws_dw"].reshape(g * ig, e, kk)).view(g, ig, og, kk).transpose(1, 2)
+        parts.append((dense * v[r_dws].view(g, og, 1, 1)).reshape(o, ig, kk))
+    kernel = parts[0]
+    for part in parts[1:]:
+        kernel = kernel + part
+    return kernel.view(plan.shape)
 
 
 def generate_kernel_fused(
@@ -374,18 +500,8 @@ def generate_kernel_fused(
     dws_dw: Tensor | None,
     dws_pw: Tensor | None,
 ) -> Tensor:
-    """The OREPA kernel from the block's *storage* layouts, as one autograd node (what a block runs every step).
-
-    Args (``None`` for the tensors of an absent branch; ``plan`` says which are present):
-        plan: shapes and scale rows, from :func:`generation_plan`.
-        scales: all per-branch scales, ``[n * O]`` (row ``j`` of its ``[n, O]`` view scales branch ``j``).
-        origin: ``W [O, I/g, *K]``.
-        taps, filters: the 1x1 branches with a fixed spatial filter: weights ``[O, B, I/g]``, filters
-            ``[O, B, kk]``.
-        pw_in, identity, pw: the 1x1->kxk branch: learned and fixed parts ``[t, I/g]`` of the first factor, the
-            second factor ``[O, *K, t/g]``.
-        dws_dw, dws_pw: the depthwise-separable branch: depthwise ``[e*I, 1, *K]``, pointwise ``[I, e, O/g]``.
-
-    Equals :func:`generate_kernel` on the natural layouts (:func:`natural_pw_kxk`, :func:`natural_dws_pointwise`).
-    """
-    return _GenerateKernel.apply(plan, scales, origin, taps, filters, pw_in, identity, pw, dws_dw, dws_pw)
+    """One block's kernel as one autograd node: :func:`generate_kernels_stacked` for a single block, with the
+    tensors passed by name (``None`` for an absent branch) and computed in ``scales.dtype``."""
+    named = {"scales": scales, "origin": origin, "taps": taps, "pw_in": pw_in, "pw": pw, "dws_dw": dws_dw,
+             "dws_pw": dws_pw}  # fmt: skip
+    return generate_kernels_stacked(plan, [[named[k] for k in plan.kinds]], filters, identity, scales.dtype)[0]

@@ -119,7 +119,7 @@ def test_fused_generation_gradients_match_autograd(out_ch, in_ch, groups, kernel
     taps = math.prod(kernel_size)
     filters = torch.randn(out_ch, 3, taps, generator=g, dtype=torch.float64)
     identity = kernels.stacked_identity(width, in_ch, groups)
-    plan = kernels.generation_plan((out_ch, ig, *kernel_size), groups, BRANCHES, expansion)
+    plan = kernels.generation_plan((out_ch, ig, *kernel_size), groups, BRANCHES, expansion, width)
     flat = [r(6 * out_ch), r(out_ch, ig, *kernel_size), r(out_ch, 3, ig)]  # scales, origin, avg/prior/pw
     flat += [r(width, ig), r(out_ch, *kernel_size, width // groups)]  # pw_kxk (storage layout)
     flat += [r(expansion * in_ch, 1, *kernel_size), r(in_ch, expansion, out_ch // groups)]  # dws
@@ -159,3 +159,36 @@ def test_denormal_guard_is_skipped_when_the_cpu_flushes_denormals():
         assert kernels._denormal_guard_unit(grad) == 2.0**-80
     finally:
         torch.set_flush_denormal(previous)
+
+
+@pytest.mark.parametrize("branches", [BRANCHES, ("origin", "pw_kxk"), ("avg", "dws"), ("prior", "pw")])
+@pytest.mark.parametrize("groups, kernel_size", [(1, (3, 3)), (2, (3, 2)), (4, (3,))])
+def test_stacked_generation_equals_each_block_alone(branches, groups, kernel_size):
+    """Several blocks with one plan in one node (``cat``, stacked maths) give each block's own kernel and
+    gradients, also with mixed requires_grad and an unused kernel."""
+    g = torch.Generator().manual_seed(1)
+    out_ch, in_ch, width, expansion = 8, 4, 8, 2
+    plan = kernels.generation_plan((out_ch, in_ch // groups, *kernel_size), groups, branches, expansion, width)
+    shapes = plan.storage_shapes()
+    blocks = [
+        [torch.randn(shapes[k], generator=g, dtype=torch.float64).requires_grad_(i != 1 or k != "scales") for k in plan.kinds]
+        for i in range(3)
+    ]
+    taps = kernels.tap_branches(branches)
+    filters = torch.randn(out_ch, len(taps), math.prod(kernel_size), generator=g, dtype=torch.float64) if taps else None
+    identity = kernels.stacked_identity(width, in_ch, groups) if "pw_kxk" in branches else None
+    upstream = [torch.randn(out_ch, in_ch // groups, *kernel_size, generator=g, dtype=torch.float64) for _ in blocks]
+    together = kernels.generate_kernels_stacked(plan, blocks, filters, identity, torch.float64)
+    leaves = [t for b in blocks for t in b if t.requires_grad]
+    got = torch.autograd.grad([together[0], together[2]], leaves, [upstream[0], upstream[2]], allow_unused=True)
+    for i, block in enumerate(blocks):
+        alone = kernels.generate_kernel_autograd(plan, block, filters, identity)
+        assert rel_err(together[i], alone) <= 1e-12
+    expected = []
+    for i, block in enumerate(blocks):
+        alone = kernels.generate_kernel_autograd(plan, block, filters, identity)
+        need = [t for t in block if t.requires_grad]
+        grads = torch.autograd.grad(alone, need, upstream[i]) if i != 1 else [torch.zeros_like(t) for t in need]
+        expected.extend(grads)
+    for a, b in zip(got, expected):
+        assert rel_err(a if a is not None else torch.zeros_like(b), b) <= 1e-12
