@@ -3,25 +3,84 @@
     python benchmarks/generation.py                       # 512->512 3x3, batch 16 at 7x7, 2 threads
     python benchmarks/generation.py --channels 128 --hw 32 --batch 16
     python benchmarks/generation.py --model yolov8n       # summed over every block of a converted model
+    python benchmarks/generation.py --count-ops yolov8n   # ops a training step adds (forward + backward)
 
 Each figure is the median over ``--iters`` runs of ``block.generate_kernel()`` (forward) and of generation plus
 backward of a unit upstream gradient (forward+backward).
+
+``--count-ops`` counts, with a ``TorchDispatchMode``, every aten op a training step (forward, backward of a
+mean-square loss, gradients set to ``None`` before) runs on the converted model and on the plain one, and prints
+the difference: the ops OREPA adds per step. Views and pure allocations are not counted; every other op is at
+least one kernel launch on a GPU. On the CPU it includes the denormal guard (one reduction and one host read per
+generation node), which never runs on other devices or with ``torch.set_flush_denormal(True)``.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from orepa_convert import BRANCHES, OREPAConfig, OREPAConv, convert_to_orepa
-from orepa_convert.models import build_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from benchmarks.common import proxy_loss  # noqa: E402
+from orepa_convert import BRANCHES, OREPAConfig, OREPAConv, convert_to_orepa  # noqa: E402
+from orepa_convert.models import build_model  # noqa: E402
+
+#: Ops that only allocate or alias memory (views are recognised by their schema).
+_NOT_COMPUTE = frozenset({"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "detach",
+                          "lift_fresh", "_unsafe_view"})
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the compute ops (not views, not pure allocations) run while active, forward and backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in _NOT_COMPUTE:
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def training_step_ops(model: nn.Module, x: torch.Tensor) -> collections.Counter[str]:
+    """The ops of one training step (forward, mean-square loss, backward) after one untimed warm-up step."""
+    model.train()
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        with OpCounter() as counter:
+            proxy_loss(model(x)).backward()
+    return counter.counts
+
+
+def count_generation_ops(spec: str, imgsz: int = 64) -> dict:
+    """Ops a training step of the converted ``spec`` runs beyond the plain model's (batch 1 at ``imgsz``)."""
+    torch.manual_seed(0)
+    model = build_model(spec)
+    x = torch.randn(1, 3, imgsz, imgsz)
+    plain = training_step_ops(model, x)
+    convert_to_orepa(model)
+    orepa = training_step_ops(model, x)
+    blocks = [m for m in model.modules() if isinstance(m, OREPAConv)]
+    extra = orepa.copy()
+    extra.subtract(plain)
+    return {"model": spec, "blocks": len(blocks), "groups": len({b._plan for b in blocks}),
+            "plain_ops": sum(plain.values()), "orepa_ops": sum(orepa.values()),
+            "extra_ops": sum(orepa.values()) - sum(plain.values()),
+            "by_op": {k: v for k, v in sorted(extra.items()) if v}}
 
 
 def _median_ms(fn, iters: int) -> float:
@@ -50,8 +109,16 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", help="instead: sum over every block of this converted model (e.g. yolov8n)")
+    parser.add_argument("--count-ops", metavar="MODEL", help="instead: count the ops a training step adds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+
+    if args.count_ops:
+        r = count_generation_ops(args.count_ops)
+        print(f"{r['model']}: {r['blocks']} blocks in {r['groups']} generation groups; training step ops: plain "
+              f"{r['plain_ops']}, OREPA {r['orepa_ops']}, added {r['extra_ops']}")
+        print("added by op: " + ", ".join(f"{k} {v}" for k, v in r["by_op"].items()))
+        return 0
 
     if args.model:
         model = build_model(args.model)

@@ -6,6 +6,10 @@ rounds (plain, orepa, plain, orepa, ...), keeping each variant's smallest median
 
     python benchmarks/train_step.py                       # resnet18 b32@224 and yolov8n b16@256
     python benchmarks/train_step.py --cases torchvision:resnet18@32x224 --json out.json
+    python benchmarks/train_step.py --compile --cases torchvision:resnet18@32x224   # torch.compile'd steps
+
+With ``--compile`` both variants run as ``torch.compile(model)`` (inductor, default mode) and the ratio is
+compiled OREPA over compiled plain; the first (compiling) step is reported separately as ``first_step_s``.
 
 The loss is the mean square of every output tensor: the same network compute as a task loss, without
 task-specific targets. Every variant runs with ``torch.set_flush_denormal(True)`` (see benchmarks/latency.py).
@@ -31,7 +35,9 @@ DEFAULT_CASES = ["torchvision:resnet18@32x224", "yolov8n@16x256"]
 CONVERT_TIME_MODELS = ["yolov8x", "timm:resnet50"]
 
 
-def worker(spec: str, variant: str, batch: int, imgsz: int, warmup: int, steps: int, threads: int) -> dict:
+def worker(
+    spec: str, variant: str, batch: int, imgsz: int, warmup: int, steps: int, threads: int, compiled: bool = False
+) -> dict:
     """Run inside a fresh process: time training steps of one variant and report peak RSS."""
     import torch
 
@@ -46,17 +52,23 @@ def worker(spec: str, variant: str, batch: int, imgsz: int, warmup: int, steps: 
         convert_to_orepa(model)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    if compiled:
+        model = torch.compile(model)
     x = torch.randn(batch, 3, imgsz, imgsz)
     times = []
+    first_step_s = None
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         loss = proxy_loss(model(x))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if i == 0:
+            first_step_s = time.perf_counter() - t0
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return {"median_ms": statistics.median(times) * 1e3, "peak_rss_mb": peak_rss_mb(), "steps": len(times)}
+    return {"median_ms": statistics.median(times) * 1e3, "peak_rss_mb": peak_rss_mb(), "steps": len(times),
+            "first_step_s": first_step_s}
 
 
 def convert_fold_time(spec: str) -> dict:
@@ -77,6 +89,7 @@ def convert_fold_time(spec: str) -> dict:
 
 def _run_worker(args: argparse.Namespace, spec: str, variant: str, batch: int, imgsz: int) -> dict:
     extra = ["--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads)]
+    extra += ["--compile"] if args.compile else []
     return run_worker(__file__, [spec, variant, str(batch), str(imgsz), *extra], args.threads)
 
 
@@ -88,12 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--convert-models", nargs="*", default=CONVERT_TIME_MODELS)
+    parser.add_argument("--compile", action="store_true", help="torch.compile both variants (inductor)")
     parser.add_argument("--json", metavar="PATH")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:  # internal: one variant in this (fresh) process
         spec, variant, batch, imgsz = argv[1:5]
         rest = parser.parse_args(argv[5:])
-        print(json.dumps(worker(spec, variant, int(batch), int(imgsz), rest.warmup, rest.steps, rest.threads)))
+        print(json.dumps(worker(spec, variant, int(batch), int(imgsz), rest.warmup, rest.steps, rest.threads,
+                                rest.compile)))
         return 0
     args = parser.parse_args(argv)
 
@@ -101,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     results = {"meta": {"date": date.today().isoformat(), "torch": torch.__version__, "threads": args.threads,
-                        "cpu": cpu_name(), "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds},
+                        "cpu": cpu_name(), "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds,
+                        "compiled": args.compile},
                "training": [], "convert_fold": []}
     jobs = [(case, r, v) for case in args.cases for r in range(args.rounds) for v in ("plain", "orepa")]
     best: dict[tuple[str, str], dict] = {}
@@ -114,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         best[key] = {
             "median_ms": min(res["median_ms"], prev["median_ms"]) if prev else res["median_ms"],
             "peak_rss_mb": min(res["peak_rss_mb"], prev["peak_rss_mb"]) if prev else res["peak_rss_mb"],
+            "first_step_s": max(res["first_step_s"], prev["first_step_s"]) if prev else res["first_step_s"],
         }
     for case in args.cases:
         p, o = best[(case, "plain")], best[(case, "orepa")]
@@ -121,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             "case": case, "plain_step_ms": p["median_ms"], "orepa_step_ms": o["median_ms"],
             "time_ratio": o["median_ms"] / p["median_ms"], "plain_peak_rss_mb": p["peak_rss_mb"],
             "orepa_peak_rss_mb": o["peak_rss_mb"], "rss_ratio": o["peak_rss_mb"] / p["peak_rss_mb"],
+            "plain_first_step_s": p["first_step_s"], "orepa_first_step_s": o["first_step_s"],
         })
     for spec in tqdm(args.convert_models, desc="convert/fold time", unit="model"):
         results["convert_fold"].append(convert_fold_time(spec))

@@ -104,7 +104,7 @@ def traced_generation() -> bool:
 
 def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast disabled on ``device`` (thread-local state) if it is enabled there."""
-    if torch.is_autocast_enabled(device.type):
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 

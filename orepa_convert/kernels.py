@@ -388,6 +388,12 @@ class _GenerateStacked(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
+        if torch.is_grad_enabled():  # create_graph=True: this hand-written backward is not itself differentiable
+            raise RuntimeError(
+                "double backward (create_graph=True) through OREPA's fused kernel generation is not supported; "
+                "use torch.func transforms (torch.func.grad / jacrev / hessian), under which OREPA blocks generate "
+                "their kernels with plain differentiable ops, or call fold_orepa(model) first"
+            )
         plan, count = ctx.plan, ctx.count
         filters, *saved = ctx.saved_tensors
         kinds = plan.kinds

@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-epochs", type=int, default=0)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                        help="torch.compile the training model (as timm's train.py; default backend inductor); "
+                             "evaluation, EMA and folding use the eager model")
     args = parser.parse_args(argv)
 
     from timm.data import create_dataset, create_loader
@@ -149,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             ema.module.load_state_dict(resume["ema"])
         start_epoch = resume["epoch"] + 1
     train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if args.torchcompile:
+        train_model = torch.compile(train_model, backend=args.torchcompile)
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
     loss_fn = nn.CrossEntropyLoss()
@@ -187,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     acc_folded, logits_folded = evaluate(final, val_loader, device)
     rel = ((logits_folded - logits_orepa).abs().max() / logits_orepa.abs().max().clamp_min(1e-12)).item()
     summary = {"model": args.model, "num_classes": num_classes, "converted": len(paths), "val_acc_orepa": acc_orepa,
-               "val_acc_folded": acc_folded, "fold_rel_err": rel, "history": history, "world_size": world}
+               "val_acc_folded": acc_folded, "fold_rel_err": rel, "history": history, "world_size": world,
+               "compiled": args.torchcompile}
     ok = acc_folded == acc_orepa and rel <= 1e-5
     if main_process:
         torch.save({k: v.detach().cpu() for k, v in final.state_dict().items()}, out_dir / "folded.pth")

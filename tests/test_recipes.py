@@ -95,6 +95,18 @@ def test_timm_recipe_resume_continues_from_last_epoch(image_folder, tmp_path):
     assert [h["epoch"] for h in summary["history"]] == [1]
 
 
+def test_timm_recipe_torchcompile_trains_and_folds(image_folder, tmp_path):
+    pytest.importorskip("timm")
+    import json
+
+    recipe = _load("timm_orepa")
+    out = tmp_path / "compiled"
+    assert recipe.main(_timm_args(image_folder, out, "--epochs", "1", "--torchcompile")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["compiled"] == "inductor" and summary["converted"] > 0
+    assert summary["fold_rel_err"] <= 1e-5 and summary["val_acc_folded"] == summary["val_acc_orepa"]
+
+
 def test_timm_recipe_under_torchrun_two_cpu_ranks(image_folder, tmp_path):
     pytest.importorskip("timm")
     import json
