@@ -38,10 +38,10 @@ def distributed_run() -> bool:
 
 def generate_all(root: nn.Module) -> None:
     """Generate the kernel of every training-mode block of ``root`` now, one autograd node per group of
-    blocks with the same plan, dtype and device, for their next forward."""
+    blocks with the same plan, dtype and device, for their next forward (frozen blocks use their cache)."""
     groups: dict[tuple, list[OREPAConv]] = {}
     for module in root.modules():
-        if isinstance(module, OREPAConv) and module.training:
+        if isinstance(module, OREPAConv) and module.training and not (module.eval_cache and module.frozen):
             scales = module._parameters["scales"]
             groups.setdefault((module._plan, scales.dtype, scales.device), []).append(module)
     for (plan, dtype, device), blocks in groups.items():

@@ -351,24 +351,26 @@ class OREPAConv(nn.Module):
     def _cache_key(self) -> tuple:
         return tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in self._parameters.values() if p is not None)
 
+    @property
+    def frozen(self) -> bool:
+        """Whether no parameter of the block requires grad."""
+        return not any(p.requires_grad for p in self._parameters.values() if p is not None)
+
     def generate_ahead(self) -> None:
         """Generate this step's kernel now, for the next forward of this block (see :mod:`orepa_convert.ahead`)."""
         self.__dict__["_ahead"] = (self._cache_key(), self.generate_kernel())
 
     def _kernel(self) -> Tensor:
-        """The kernel for this forward pass: one generated ahead for it if still valid; else from the eval
-        cache only while autograd is not recording, and only if no parameter changed (version counters,
-        storage, dtype, device); else generated now."""
+        """The kernel for this forward pass: one generated ahead for it if still valid; else from the cache (in
+        eval mode while autograd is not recording, or in any mode while no parameter requires grad) if no
+        parameter changed (version counters, storage, dtype, device); else generated now."""
         if traced_generation():
             return self.generate_kernel()
         ahead = self.__dict__.pop("_ahead", None)
         if ahead is not None and ahead[0] == self._cache_key() and generation_ahead_allowed():
             return ahead[1]
-        cacheable = (
-            self.eval_cache
-            and not self.training
-            and not (torch.is_grad_enabled() and any(p.requires_grad for p in self._parameters.values() if p is not None))
-        )
+        # Frozen blocks (no parameter requires grad, e.g. ultralytics freeze=) use the cache in training too.
+        cacheable = self.eval_cache and (self.frozen or (not self.training and not torch.is_grad_enabled()))
         if not cacheable:
             return self.generate_kernel()
         key = self._cache_key()

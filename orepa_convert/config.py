@@ -59,7 +59,8 @@ class OREPAConfig:
             follows the paper (1 if ``groups <= 4`` else 2).
         dws_expansion: depthwise filters per input channel in the depthwise-separable branch (paper: 8).
         seed: seed of the local generator that draws the random branch weights (the global RNG is never used).
-        eval_cache: cache the generated kernel in eval mode while autograd is not recording.
+        eval_cache: cache the generated kernel in eval mode while autograd is not recording, and in every mode
+            for frozen blocks (no parameter requires grad).
 
     Selection (a conv is converted only if it is eligible and passes *every* rule below, so ``exclude``
     always wins over ``include`` and ``filter`` can only narrow the selection):

@@ -231,6 +231,11 @@ class GenerationPlan(NamedTuple):
     width: int = 0
 
     @property
+    def plain_identity(self) -> bool:
+        """Whether the 1x1->kxk branch's fixed first factor is the plain identity (``t == I``)."""
+        return self.width == self.in_per_group * self.groups
+
+    @property
     def kinds(self) -> tuple[str, ...]:
         """The parameter tensors a block with this plan has, in :data:`PARAMETER_KINDS` order."""
         r_origin, r_taps, r_pw, r_dws = self.rows
@@ -272,7 +277,7 @@ def generation_plan(
 def _stacked_forward(plan: GenerationPlan, count: int, t: dict[str, Tensor], filters: Tensor | None,
                      identity: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
     """The kernels ``[G, O, I/g, kk]`` of ``G = count`` blocks from their stacked storage tensors ``t`` (each
-    ``[G, *storage shape]``), and what the backward keeps. Eight ops whatever ``G``."""
+    ``[G, *storage shape]``), and what the backward keeps. Seven or eight ops whatever ``G``."""
     G, o, ig, kk, g, e = count, plan.out_channels, plan.in_per_group, plan.kernel_taps, plan.groups, plan.expansion
     og, (r_origin, r_taps, r_pw, r_dws) = o // g, plan.rows
     v = t["scales"].view(G, plan.num_branches, o)
@@ -288,9 +293,13 @@ def _stacked_forward(plan: GenerationPlan, count: int, t: dict[str, Tensor], fil
     grouped = kernel.view(G * g, og, ig, kk)
     if r_pw >= 0:
         tg = plan.width // g
-        keep["first"] = first = t["pw_in"] + identity  # [G, t, I/g]
-        # the unscaled branch kernel in [G*g, O/g, kk, I/g] layout; kept for the scale gradient
-        keep["prod"] = prod = torch.bmm(t["pw"].reshape(G * g, og * kk, tg), first.view(G * g, tg, ig))
+        second = t["pw"].reshape(G * g, og * kk, tg)
+        # the unscaled branch kernel in [G*g, O/g*kk, I/g] layout; kept for the scale gradient
+        if plan.plain_identity:  # second @ (learned + I) = second + second @ learned: one op, no sum kept
+            keep["prod"] = prod = torch.baddbmm(second, second, t["pw_in"].reshape(G * g, tg, ig))
+        else:
+            keep["first"] = first = t["pw_in"] + identity  # [G, t, I/g]
+            keep["prod"] = prod = torch.bmm(second, first.view(G * g, tg, ig))
         grouped.addcmul_(prod.view(G * g, og, kk, ig).transpose(2, 3), v[:, r_pw].reshape(G * g, og, 1, 1))
     if r_dws >= 0:
         pointwise = t["dws_pw"].reshape(G * g * ig, e, og).transpose(1, 2)
@@ -303,9 +312,11 @@ def _stacked_backward(plan: GenerationPlan, count: int, grad: Tensor, t: dict[st
                       filters: Tensor | None) -> dict[str, Tensor]:
     """Gradients ``[G, *storage shape]`` of every parameter kind from the stacked kernel gradients ``grad``.
 
-    Every gradient that a scale multiplies comes straight out of a contraction with an already scaled factor
-    (or a single scaling pass that also makes the layout contiguous); each scale gradient is one product and
-    one reduction. Seventeen ops whatever ``G``.
+    Each scale gradient is one product and one reduction; gradients that a scale multiplies come out of a
+    contraction with an already scaled factor, or are scaled in place. Transposed reads of the gradient (about
+    ten times slower than contiguous passes on CPUs) happen once per branch that needs another layout, in a pass
+    that also scales (``dws``) or in the one copy whose layout matches the kept branch kernel (``pw_kxk``).
+    Nineteen ops whatever ``G``.
     """
     G, o, ig, kk, g, e = count, plan.out_channels, plan.in_per_group, plan.kernel_taps, plan.groups, plan.expansion
     og, n, (r_origin, r_taps, r_pw, r_dws) = o // g, plan.num_branches, plan.rows
@@ -335,15 +346,20 @@ def _stacked_backward(plan: GenerationPlan, count: int, grad: Tensor, t: dict[st
         out["taps"] = torch.bmm(fv.view(G * o, b, kk), rows.transpose(1, 2)).view(t["taps"].shape)
     if r_pw >= 0:
         tg = plan.width // g
-        grouped = grad.view(G * g, og, ig, kk)
-        # the scaled gradient, transposed to [G*g, O/g, kk, I/g] in the same pass
+        # the gradient in the layout of the kept branch kernel [G*g, O/g*kk, I/g] (the one transposing pass);
+        # everything after it reads contiguously
         gt = grad.new_empty(G * g, og, kk, ig)
-        torch.mul(grouped.transpose(2, 3), v[:, r_pw].reshape(G * g, og, 1, 1), out=gt)
+        gt.copy_(grad.view(G * g, og, ig, kk).transpose(2, 3))
         gt = gt.view(G * g, og * kk, ig)
-        out["pw"] = torch.bmm(gt, keep["first"].view(G * g, tg, ig).transpose(1, 2)).view(t["pw"].shape)
-        out["pw_in"] = torch.bmm(t["pw"].reshape(G * g, og * kk, tg).transpose(1, 2), gt).view(t["pw_in"].shape)
-        prod = keep["prod"].view(G, g, og, kk, ig).transpose(3, 4)
-        torch.sum(grad.view(G, g, og, ig, kk) * prod, (3, 4), out=dv[:, r_pw].view(G, g, og))
+        torch.sum((gt * keep["prod"]).view(G, g, og, kk * ig), 3, out=dv[:, r_pw].view(G, g, og))
+        if plan.plain_identity:
+            d_pw = torch.baddbmm(gt, gt, t["pw_in"].reshape(G * g, tg, ig).transpose(1, 2))
+        else:
+            d_pw = torch.bmm(gt, keep["first"].view(G * g, tg, ig).transpose(1, 2))
+        scale = v[:, r_pw].reshape(G * g, og, 1)
+        out["pw"] = d_pw.view(G * g, og, kk * tg).mul_(scale).view(t["pw"].shape)
+        scaled_second = (t["pw"].reshape(G * g, og, kk * tg) * scale).view(G * g, og * kk, tg)
+        out["pw_in"] = torch.bmm(scaled_second.transpose(1, 2), gt).view(t["pw_in"].shape)
     if r_dws >= 0:
         # the scaled gradient as [G*g*I/g, O/g, kk] (input channel outermost), in one pass
         scaled = grad.new_empty(G * g, ig, og, kk)
@@ -360,30 +376,36 @@ def _stacked_backward(plan: GenerationPlan, count: int, grad: Tensor, t: dict[st
     return out
 
 
+def _stack_inputs(plan: GenerationPlan, count: int, flat: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """Each parameter kind of ``count`` blocks (``flat``, kind-major) as one ``[G, *storage shape]`` tensor in
+    ``dtype``: views for one block, else one ``cat`` of everything and views into it."""
+    if count == 1:
+        return [x.to(dtype).unsqueeze(0) for x in flat]
+    shapes = plan.storage_shapes()
+    buffer = torch.cat([x.reshape(-1) for x in flat]).to(dtype)
+    sizes = [count * math.prod(shapes[k]) for k in plan.kinds]
+    return [part.view(count, *shapes[k]) for part, k in zip(buffer.split(sizes), plan.kinds)]
+
+
 class _GenerateStacked(torch.autograd.Function):
     """The kernels of ``count`` blocks with one :class:`GenerationPlan`, as one autograd node.
 
     Inputs are every block's storage tensors, kind-major (all scales, then all origin weights, ...). One block
     works on views (``unsqueeze``); several are concatenated in one ``cat`` and computed with a leading stack
     dimension, so the number of ops (on a GPU: kernel launches) does not grow with the number of blocks. Backward
-    keeps the inputs, the small filter stack, the ``[t, I/g]`` first factor and the unscaled 1x1->kxk and
-    depthwise-separable branch kernels, and returns each block's gradients as views of the stacked results.
+    keeps the inputs (concatenating a group's again), the small filter stack, the ``[t, I/g]`` first factor when
+    ``t != I`` and the unscaled 1x1->kxk and depthwise-separable branch kernels, and returns each block's
+    gradients as views of the stacked results.
     """
 
     @staticmethod
     def forward(ctx, plan, count, dtype, filters, identity, *flat):  # type: ignore[override]
-        shapes = plan.storage_shapes()
-        kinds = plan.kinds
-        if count == 1:
-            stacked = [x.to(dtype).unsqueeze(0) for x in flat]
-        else:
-            buffer = torch.cat([x.reshape(-1) for x in flat]).to(dtype)
-            sizes = [count * math.prod(shapes[k]) for k in kinds]
-            stacked = [part.view(count, *shapes[k]) for part, k in zip(buffer.split(sizes), kinds)]
-        kernel, keep = _stacked_forward(plan, count, dict(zip(kinds, stacked)), filters, identity)
-        ctx.plan, ctx.count, ctx.keep_names = plan, count, tuple(keep)
+        stacked = _stack_inputs(plan, count, flat, dtype)
+        kernel, keep = _stacked_forward(plan, count, dict(zip(plan.kinds, stacked)), filters, identity)
+        ctx.plan, ctx.count, ctx.dtype, ctx.keep_names = plan, count, dtype, tuple(keep)
         ctx.in_dtypes = tuple(x.dtype for x in flat[::count])
-        ctx.save_for_backward(filters, *stacked, *keep.values())
+        # A group keeps its parameters, not their concatenated copy, and concatenates again in backward.
+        ctx.save_for_backward(filters, *(stacked if count == 1 else flat), *keep.values())
         return tuple(kernel.view(count, *plan.shape).unbind(0))
 
     @staticmethod
@@ -397,8 +419,10 @@ class _GenerateStacked(torch.autograd.Function):
         plan, count = ctx.plan, ctx.count
         filters, *saved = ctx.saved_tensors
         kinds = plan.kinds
-        t = dict(zip(kinds, saved[: len(kinds)]))
-        keep = dict(zip(ctx.keep_names, saved[len(kinds) :]))
+        inputs = len(kinds) * (1 if count == 1 else count)
+        stacked = saved[:inputs] if count == 1 else _stack_inputs(plan, count, saved[:inputs], ctx.dtype)
+        t = dict(zip(kinds, stacked))
+        keep = dict(zip(ctx.keep_names, saved[inputs:]))
         grad = grads[0].unsqueeze(0) if count == 1 else torch.stack(grads)
         out = _stacked_backward(plan, count, grad.contiguous(), t, keep, filters)
         result: list[Tensor | None] = []

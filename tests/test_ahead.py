@@ -112,3 +112,25 @@ def test_hooks_attached_once_kept_by_copies_and_removed_by_fold():
     assert not ahead.has_hooks(model)
     assert not model._forward_pre_hooks and not model._forward_hooks
     assert not getattr(model, "_forward_hooks_always_called", {})
+
+
+def test_frozen_blocks_generate_once_while_the_rest_trains():
+    """A frozen block (no parameter requires grad, as ultralytics freeze= leaves it) keeps its kernel across
+    training steps until its parameters change; trainable blocks still generate every step."""
+    model, _ = _pair()
+    blocks = [m for m in model.modules() if isinstance(m, OREPAConv)]
+    frozen, trainable = blocks[0], blocks[1:]
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(2, 3, 12, 12)
+    model(x).square().mean().backward()
+    cached = frozen.__dict__["_kernel_cache"][1]
+    model(x).square().mean().backward()
+    assert frozen.__dict__["_kernel_cache"][1] is cached  # not regenerated
+    assert all("_kernel_cache" not in b.__dict__ for b in trainable)
+    with torch.no_grad():
+        frozen.scale("origin").mul_(0.5)  # an in-place change is seen
+    out = model(x)
+    assert frozen.__dict__["_kernel_cache"][1] is not cached
+    assert torch.equal(frozen.__dict__["_kernel_cache"][1], frozen.generate_kernel())
+    assert out.requires_grad
