@@ -366,6 +366,8 @@ class OREPAConv(nn.Module):
         parameter changed (version counters, storage, dtype, device); else generated now."""
         if traced_generation():
             return self.generate_kernel()
+        if torch.jit.is_tracing():
+            return self._kernel_as_trace_constant()
         ahead = self.__dict__.pop("_ahead", None)
         if ahead is not None and ahead[0] == self._cache_key() and generation_ahead_allowed():
             return ahead[1]
@@ -380,6 +382,27 @@ class OREPAConv(nn.Module):
         kernel = self.generate_kernel()
         self.__dict__["_kernel_cache"] = (key, kernel)
         return kernel
+
+    def _kernel_as_trace_constant(self) -> Tensor:
+        """The generated kernel, computed with the TorchScript tracer suspended, so that ``torch.jit.trace`` and
+        the TorchScript-based ONNX exporter (``torch.onnx.export(..., dynamo=False)``) record it as a constant:
+        the traced graph is the folded conv, with this block's numbers (the tracer does not record the in-place
+        accumulation of the fused generation faithfully)."""
+        state = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)
+        try:
+            with torch.no_grad():
+                return self.generate_kernel()
+        finally:
+            torch._C._set_tracing_state(state)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` hook: an unfolded block cannot be scripted (its generation is Python); say so."""
+        raise RuntimeError(
+            "torch.jit.script cannot compile an unfolded OREPA block; call orepa_convert.fold_orepa(model) first "
+            "(or script a folded copy: fold_orepa(copy.deepcopy(model))). torch.jit.trace and "
+            "torch.onnx.export work on unfolded models and record each block as its folded conv"
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         kernel = self._kernel()
