@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import __version__
 from .config import OREPAConfig
 from .convert import inspect_model
 from .models import build_model
@@ -38,7 +39,7 @@ def _inspect(args: argparse.Namespace) -> int:
             with open(args.json, "w", encoding="utf-8") as fh:
                 fh.write(text + "\n")
     if args.json != "-":
-        print(report)
+        print(f"{report.summary()}\n{report.table(verbose=args.verbose)}")
     return 0
 
 
@@ -93,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="OREPA re-parameterization for PyTorch CNNs: inspect which convs would be converted, and fold "
         "OREPA checkpoints back into plain ones.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and why each region was traced by parts")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
         "inspect",
@@ -135,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
         print(f"orepa-convert: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `orepa-convert inspect MODEL | head`: the reader left, nothing more to say
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush does not fail again
+        return 0
 
 
 if __name__ == "__main__":

@@ -70,6 +70,20 @@ def _selection_problem(match: ConvMatch, config: OREPAConfig) -> str | None:
     return None
 
 
+def _warn_unmatched_globs(matches: list[ConvMatch], config: OREPAConfig) -> None:
+    """Warn about ``include``/``exclude`` globs that match no conv path (a typo selects silently otherwise)."""
+    paths = [p for m in matches for p in m.paths]
+    for name in ("include", "exclude"):
+        for glob in getattr(config, name):
+            if not any(fnmatch.fnmatchcase(p, glob) for p in paths):
+                examples = ", ".join(paths[:3]) or "none"
+                warnings.warn(
+                    f"convert_to_orepa: {name} glob {glob!r} matches no conv path (conv paths look like: {examples}); "
+                    f"globs match whole paths, e.g. 'model.2.*'",
+                    stacklevel=3,
+                )
+
+
 def block_seed(seed: int, path: str) -> int:
     """Seed of the block at ``path``: depends only on the config seed and the path, so a block's random
     branch weights do not change when other convs are included or excluded."""
@@ -173,6 +187,7 @@ def convert_to_orepa(
             stacklevel=2,
         )
     matches, report = _plan(root, config)
+    _warn_unmatched_globs(matches, config)
     for match, record in zip(matches, report.records):
         if record.status == SELECTED:
             record.extra_params = _convert_one(match, config, root)

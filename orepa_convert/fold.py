@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Literal, overload
 
 import torch
@@ -75,6 +76,13 @@ def fold_orepa(model: Any, fuse_bn: bool = False, *, return_report: bool = False
     blocks = [m for m in match_convs(root, trace_model(root)) if isinstance(m.module, OREPAConv)] if fuse_bn else [
         ConvMatch(b, paths) for b, paths in _blocks(root).items()
     ]
+    if not blocks:
+        what = (
+            "fuse_bn=True only fuses the batch norms after OREPA blocks; for a plain model use "
+            "torch.fx.experimental.optimization.fuse or the framework's own fuse()"
+            if fuse_bn else "it was never converted, or is already folded"
+        )
+        warnings.warn(f"fold_orepa: {type(root).__name__} has no OREPA blocks, nothing was folded ({what})", stacklevel=2)
     bn_uses: dict[int, int] = {}
     for match in blocks:
         for site in match.sites:

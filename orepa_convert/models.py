@@ -18,11 +18,15 @@ def build_model(spec: str, num_classes: int | None = None) -> nn.Module:
         except ImportError as exc:
             raise ImportError("timm models need timm: pip install 'orepa-convert[timm]'") from exc
         kwargs = {} if num_classes is None else {"num_classes": num_classes}
+        if not timm.is_model(name):
+            raise ValueError(f"timm has no model {name!r}; list them with timm.list_models('{name[:4]}*')")
         return timm.create_model(name, pretrained=False, **kwargs)
     if name and kind == "torchvision":
         import torchvision
 
         kwargs = {} if num_classes is None else {"num_classes": num_classes}
+        if name.lower() not in torchvision.models.list_models():
+            raise ValueError(f"torchvision has no model {name!r}; list them with torchvision.models.list_models()")
         return torchvision.models.get_model(name, weights=None, **kwargs)
     if name and kind in ("ultralytics", "yolo"):
         spec = name

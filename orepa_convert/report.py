@@ -34,6 +34,12 @@ class ConvRecord:
     extra_params: int = 0
 
 
+def _first_line(text: str, limit: int = 100) -> str:
+    """The first line of ``text``, cut to ``limit`` characters."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def _table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
@@ -86,10 +92,12 @@ class ConversionReport:
             f"{self.already_converted} already converted), +{self.extra_params:,} training parameters"
         )
         if self.untraced:
-            text += f"; {len(self.untraced)} untraceable region(s) handled by tracing their children"
+            text += f"; {len(self.untraced)} region(s) traced by parts"
         return text
 
-    def table(self) -> str:
+    def table(self, verbose: bool = False) -> str:
+        """One line per conv; then the regions traced by parts (their own forward could not be traced, so their
+        children were traced one by one): their paths, or with ``verbose`` a table with the first line of why."""
         rows = [
             [
                 r.path, r.conv_class, _dims(r.kernel_size), _dims(r.stride), str(r.groups),
@@ -99,9 +107,11 @@ class ConversionReport:
             for r in self.records
         ]
         text = _table(["path", "conv", "kernel", "stride", "groups", "channels", "bn", "act", "status"], rows)
-        if self.untraced:
-            text += "\n\nUntraceable regions (their children were traced separately):\n"
-            text += _table(["path", "reason"], [[u.path, u.reason] for u in self.untraced])
+        if self.untraced and verbose:
+            text += "\n\nTraced by parts (the region's own forward could not be traced; its children were):\n"
+            text += _table(["path", "why"], [[u.path, _first_line(u.reason)] for u in self.untraced])
+        elif self.untraced:
+            text += "\n\nTraced by parts: " + ", ".join(u.path for u in self.untraced)
         return text
 
     def __str__(self) -> str:

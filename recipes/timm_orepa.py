@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     loader_args = dict(input_size=(3, args.img_size, args.img_size), batch_size=args.batch_size,
                        num_workers=args.workers, use_prefetcher=False, device=device, persistent_workers=False)
     train_loader = create_loader(train_set, is_training=True, distributed=world > 1, **loader_args)
+    if len(train_loader) == 0:  # the training loader drops the last incomplete batch
+        parser.error(f"{len(train_set)} training images make no full batch of --batch-size {args.batch_size} per "
+                     f"process ({world} process(es)): nothing would be trained; lower --batch-size")
     val_loader = create_loader(val_set, is_training=False, distributed=False, crop_pct=1.0, **loader_args)
 
     resume = torch.load(args.resume, map_location="cpu", weights_only=False) if args.resume else None

@@ -32,3 +32,42 @@ def test_console_script_installed():
     out = subprocess.run([sys.executable, "-m", "orepa_convert.cli", "inspect", "torchvision:resnet18"],
                          capture_output=True, text=True, check=True).stdout
     assert "would convert 17/17" in out
+
+
+def test_version(capsys):
+    import pytest
+
+    from orepa_convert import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"orepa-convert {__version__}"
+
+
+def test_unknown_models_are_one_line_errors(capsys):
+    for spec, name in (("timm:not_a_model", "timm"), ("torchvision:not_a_model", "torchvision")):
+        assert main(["inspect", spec]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"orepa-convert: error: {name} has no model 'not_a_model'")
+
+
+def test_regions_traced_by_parts_are_one_quiet_line(capsys):
+    assert main(["inspect", "yolov8n.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "region(s) traced by parts" in out and "\nTraced by parts: <root>, model, " in out
+    assert "TraceError" not in out and "Proxy object" not in out
+    assert main(["--verbose", "inspect", "yolov8n.yaml"]) == 0
+    verbose = capsys.readouterr().out
+    assert "TraceError: Proxy object cannot be iterated" in verbose
+    assert max(len(line) for line in verbose.splitlines()) < 200
+
+
+def test_closed_pipe_is_not_an_error():
+    """`orepa-convert inspect MODEL | head -0`: the reader is gone before the report is written; no
+    BrokenPipeError traceback, exit 0."""
+    proc = subprocess.Popen([sys.executable, "-m", "orepa_convert.cli", "inspect", "yolov8n.yaml"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the model is even built: every write hits a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "BrokenPipeError" not in err and "Traceback" not in err

@@ -107,3 +107,14 @@ def test_block_survives_and_timm_reparameterize_model_folds():
     assert not any(isinstance(m, OREPAConv) for m in deployed.modules())
     with torch.no_grad():
         assert rel_err(deployed(x), y) <= 1e-5
+
+
+def test_silent_no_ops_warn_with_the_reason():
+    model = Variety()
+    with pytest.warns(UserWarning, match=r"no OREPA blocks, nothing was folded \(it was never converted"):
+        fold_orepa(model)
+    with pytest.warns(UserWarning, match="fuse_bn=True only fuses the batch norms after OREPA blocks"):
+        fold_orepa(model, fuse_bn=True)
+    with pytest.warns(UserWarning, match="exclude glob 'dilatd.*' matches no conv path"):
+        convert_to_orepa(model, exclude=["dilatd.*"])
+    assert sum(isinstance(m, OREPAConv) for m in model.modules()) == 6  # the typo excluded nothing

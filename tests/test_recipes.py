@@ -121,3 +121,15 @@ def test_timm_recipe_under_torchrun_two_cpu_ranks(image_folder, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["val_acc_folded"] == summary["val_acc_orepa"]
     assert (out / "folded.pth").exists() and (out / "last.pth").exists()
+
+
+def test_timm_recipe_refuses_a_dataset_smaller_than_a_batch(image_folder, tmp_path, capsys):
+    pytest.importorskip("timm")
+    recipe = _load("timm_orepa")
+    args = _timm_args(image_folder, tmp_path / "none", "--epochs", "1")
+    args[args.index("--batch-size") + 1] = "64"  # 12 training images
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.main(args)
+    assert exit_info.value.code == 2
+    assert "12 training images make no full batch of --batch-size 64" in capsys.readouterr().err
+    assert not (tmp_path / "none" / "summary.json").exists()
