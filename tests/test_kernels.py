@@ -163,11 +163,12 @@ def test_denormal_guard_is_skipped_when_the_cpu_flushes_denormals():
 
 @pytest.mark.parametrize("branches", [BRANCHES, ("origin", "pw_kxk"), ("avg", "dws"), ("prior", "pw")])
 @pytest.mark.parametrize("groups, kernel_size", [(1, (3, 3)), (2, (3, 2)), (4, (3,))])
-def test_stacked_generation_equals_each_block_alone(branches, groups, kernel_size):
+@pytest.mark.parametrize("width", [4, 8])  # t == I (the identity folded into one baddbmm) and t == 2I
+def test_stacked_generation_equals_each_block_alone(branches, groups, kernel_size, width):
     """Several blocks with one plan in one node (``cat``, stacked maths) give each block's own kernel and
     gradients, also with mixed requires_grad and an unused kernel."""
     g = torch.Generator().manual_seed(1)
-    out_ch, in_ch, width, expansion = 8, 4, 8, 2
+    out_ch, in_ch, expansion = 8, 4, 2
     plan = kernels.generation_plan((out_ch, in_ch // groups, *kernel_size), groups, branches, expansion, width)
     shapes = plan.storage_shapes()
     blocks = [
