@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import logging
+import sys
 import warnings
+from types import ModuleType
 import zlib
 from typing import Any, overload, Literal
 
@@ -21,15 +24,23 @@ from .tracing import trace_model
 logger = logging.getLogger(__name__)
 
 # Attributes every conv module has; anything else on a conv (e.g. ultralytics' i, f, type, np on a
-# top-level layer) is framework state that the block carries while it stands in the conv's place.
-_CONV_ATTRIBUTES = frozenset(nn.Conv2d(1, 1, 1).__dict__)
+# top-level layer) is framework state that the block carries while it stands in the conv's place. Built on the
+# meta device: no initialisation runs, so importing the library leaves the global RNG untouched.
+_CONV_ATTRIBUTES = frozenset(nn.Conv2d(1, 1, 1, device="meta").__dict__)
+
+
+def ultralytics_integration() -> ModuleType | None:
+    """Our ultralytics integration, only if the user has imported ultralytics (an ultralytics object cannot
+    exist otherwise, and converting any other model must not import it)."""
+    if "ultralytics" not in sys.modules:
+        return None
+    return importlib.import_module(".integrations.ultralytics", __package__)
 
 
 def unwrap_model(model: Any) -> nn.Module:
     """The module to work on inside DDP/DataParallel (``.module``), ``torch.compile`` (``._orig_mod``) and
     ultralytics ``YOLO``-style wrappers (``.model``)."""
-    from .integrations.ultralytics import is_ultralytics_wrapper
-
+    ul = ultralytics_integration()
     seen = 0
     while True:
         seen += 1
@@ -39,7 +50,7 @@ def unwrap_model(model: Any) -> nn.Module:
             model = model.module
         elif isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
             model = model._orig_mod
-        elif is_ultralytics_wrapper(model):
+        elif ul is not None and ul.is_ultralytics_wrapper(model):
             model = model.model
         else:
             break
@@ -194,9 +205,8 @@ def convert_to_orepa(
             record.status = CONVERTED
     if report.converted or report.already_converted:
         ahead.attach(root)
-    from .integrations import ultralytics as ul
-
-    if ul.is_ultralytics_wrapper(model):  # make the next .train() train this OREPA model
+    ul = ultralytics_integration()
+    if ul is not None and ul.is_ultralytics_wrapper(model):  # make the next .train() train this OREPA model
         ul.record_conversion(model, config, report)
     logger.info("%s\n%s", report.summary(), report.table())
     if report.converted == 0 and report.already_converted == 0:

@@ -11,7 +11,7 @@ from torch import nn
 
 from . import ahead, kernels
 from .block import OREPAConv
-from .convert import _replace, unwrap_model
+from .convert import _replace, ultralytics_integration, unwrap_model
 from .patterns import ConvMatch, match_convs
 from .report import FoldRecord, FoldReport
 from .tracing import trace_model
@@ -105,9 +105,8 @@ def fold_orepa(model: Any, fuse_bn: bool = False, *, return_report: bool = False
                 record.note = problem
         report.records.append(record)
     ahead.detach(root)
-    from .integrations import ultralytics as ul
-
-    if ul.is_ultralytics_wrapper(model):  # its checkpoint and class too, so that yolo.save() writes a stock file
+    ul = ultralytics_integration()
+    if ul is not None and ul.is_ultralytics_wrapper(model):  # its checkpoint and class too: yolo.save() is stock
         ul.finish_fold(model)
     logger.info("%s\n%s", report.summary(), report.table() if report.records else "")
     return (model, report) if return_report else model

@@ -252,3 +252,24 @@ def test_report_table_dict_and_logging(caplog):
     assert report.extra_params == grown > 0
     dry = inspect_model(Variety(), exclude=["even.*"])
     assert dry.extra_params == report.extra_params and not dry.applied
+
+
+def test_import_and_plain_conversion_touch_no_rng_and_import_no_framework():
+    """In a fresh process: importing the library leaves the global RNG where it was, and converting and folding a
+    torchvision model imports neither ultralytics nor timm."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "torch.manual_seed(0); expected = torch.rand(4)\n"
+        "torch.manual_seed(0)\n"
+        "import orepa_convert, torchvision\n"
+        "same = torch.equal(torch.rand(4), expected)\n"
+        "m = torchvision.models.resnet18()\n"
+        "_, report = orepa_convert.convert_to_orepa(m, return_report=True)\n"
+        "orepa_convert.fold_orepa(m)\n"
+        "print(same, report.converted, 'ultralytics' in sys.modules, 'timm' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.split() == ["True", "17", "False", "False"], out.stderr[-2000:]
