@@ -249,7 +249,8 @@ class OREPAConv(nn.Module):
         conv._parameters["bias"] = None
         object.__setattr__(self, "_conv", conv)  # not a submodule: it holds no tensors
         # The fixed tap filters [O, B, kk] and the 1x1->kxk identity [t, I/g]: non-persistent buffers (out of
-        # the state_dict), kept exact in the generation dtype by _apply (so .half() never rounds them).
+        # the state_dict), rebuilt by _apply from exact values in float32 (float64 for float64 parameters), so
+        # .half() never rounds them further.
         self.register_buffer("tap_filters", None, persistent=False)
         self.register_buffer("pw_kxk_identity", None, persistent=False)
         self._refresh_constants()
@@ -355,10 +356,6 @@ class OREPAConv(nn.Module):
     def frozen(self) -> bool:
         """Whether no parameter of the block requires grad."""
         return not any(p.requires_grad for p in self._parameters.values() if p is not None)
-
-    def generate_ahead(self) -> None:
-        """Generate this step's kernel now, for the next forward of this block (see :mod:`orepa_convert.ahead`)."""
-        self.__dict__["_ahead"] = (self._cache_key(), self.generate_kernel())
 
     def _kernel(self) -> Tensor:
         """The kernel for this forward pass: one generated ahead for it if still valid; else from the cache (in
