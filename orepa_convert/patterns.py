@@ -130,9 +130,9 @@ def _eligibility_problem(match: ConvMatch, trace: TraceResult) -> str | None:
         if reason is not None:
             return reason
     if not match.sites:
-        region = trace.untraced_parent(match.path)
+        region = trace.region_of(match.path)
         if region is not None:
-            return f"its parent '{region.path}' could not be traced ({region.reason})"
+            return f"its parent '{region.label}' could not be traced ({region.reason})"
         return "not called as a module in any traced forward (unused, or used functionally)"
     problems = [s.problem for s in match.sites if s.problem]
     if problems:

@@ -4,16 +4,32 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any
 
 from .config import OREPAConfig
 from .tracing import UntracedRegion
 
-CONVERTED = "converted"
-SELECTED = "to convert"  # in a dry run (inspect), or before the swap
-ALREADY = "already converted"
-NOT_SELECTED = "not selected"
-INELIGIBLE = "ineligible"
+class Status(str, Enum):
+    """What happened to a candidate conv. A ``str`` enum: it compares equal to, and serialises as, its value."""
+
+    CONVERTED = "converted"
+    SELECTED = "to convert"  # in a dry run (inspect), or before the swap
+    ALREADY = "already converted"
+    NOT_SELECTED = "not selected"
+    INELIGIBLE = "ineligible"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def is_block(self) -> bool:
+        """Whether the conv is (or, in a dry run, would be) an OREPA block after the call."""
+        return self in (Status.CONVERTED, Status.SELECTED, Status.ALREADY)
+
+
+CONVERTED, SELECTED, ALREADY = Status.CONVERTED, Status.SELECTED, Status.ALREADY
+NOT_SELECTED, INELIGIBLE = Status.NOT_SELECTED, Status.INELIGIBLE
 
 
 @dataclass
@@ -29,7 +45,7 @@ class ConvRecord:
     groups: int
     bn: str | None
     act: str | None
-    status: str
+    status: Status
     reason: str = ""
     extra_params: int = 0
 
@@ -81,6 +97,11 @@ class ConversionReport:
         """Extra training parameters of the blocks this call created (or would create)."""
         return sum(r.extra_params for r in self.records if r.status in (CONVERTED, SELECTED))
 
+    def paths(self, *statuses: Status) -> list[str]:
+        """Paths of the convs with any of ``statuses`` (default: every conv that is a block after the call)."""
+        wanted = statuses or (Status.CONVERTED, Status.SELECTED, Status.ALREADY)
+        return [r.path for r in self.records if r.status in wanted]
+
     def reasons(self) -> Counter[str]:
         """Why candidates were left alone, counted (reasons shortened to their kind)."""
         return Counter(r.reason.split(" (")[0] for r in self.records if r.status in (INELIGIBLE, NOT_SELECTED))
@@ -102,16 +123,16 @@ class ConversionReport:
             [
                 r.path, r.conv_class, _dims(r.kernel_size), _dims(r.stride), str(r.groups),
                 f"{r.in_channels}->{r.out_channels}", r.bn or "-", r.act or "-",
-                r.status + (f": {r.reason}" if r.reason else ""),
+                r.status.value + (f": {r.reason}" if r.reason else ""),
             ]
             for r in self.records
         ]
         text = _table(["path", "conv", "kernel", "stride", "groups", "channels", "bn", "act", "status"], rows)
         if self.untraced and verbose:
             text += "\n\nTraced by parts (the region's own forward could not be traced; its children were):\n"
-            text += _table(["path", "why"], [[u.path, _first_line(u.reason)] for u in self.untraced])
+            text += _table(["path", "why"], [[u.label, _first_line(u.reason)] for u in self.untraced])
         elif self.untraced:
-            text += "\n\nTraced by parts: " + ", ".join(u.path for u in self.untraced)
+            text += "\n\nTraced by parts: " + ", ".join(u.label for u in self.untraced)
         return text
 
     def __str__(self) -> str:
@@ -128,7 +149,7 @@ class ConversionReport:
                 "applied": self.applied,
             },
             "config": self.config.to_dict(),
-            "convs": [asdict(r) for r in self.records],
+            "convs": [{**asdict(r), "status": r.status.value} for r in self.records],
             "untraced": [asdict(u) for u in self.untraced],
         }
 

@@ -103,3 +103,44 @@ class DataDependent(nn.Module):
         else:
             y = self.b(-y)
         return y
+
+
+class DataGate(nn.Module):
+    """A child whose own forward has data-dependent control flow, around a conv -> BN of its own."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.inner = conv_bn(nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        y = self.inner(x)
+        return y * 2 if y.mean() > 0 else y
+
+
+class StemGateHead(nn.Module):
+    """conv -> BN in the parent's own forward, an untraceable child between them, then conv -> BN again: only the
+    child's call may become opaque; both of the parent's pairs and the child's own pair are eligible."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.gate = DataGate(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.gate(x)
+        return self.bn2(self.conv2(x))
+
+
+class ListOfBlocks(nn.Module):
+    """Blocks in a ModuleList, called from an untraceable forward: the list is a container, not a region."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(conv_bn(nn.Conv2d(c, 8, 3, padding=1), nn.BatchNorm2d(8)) for c in (3, 8))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x) if x.mean() > -10 else x
+        return x

@@ -54,7 +54,7 @@ def test_unknown_models_are_one_line_errors(capsys):
 def test_regions_traced_by_parts_are_one_quiet_line(capsys):
     assert main(["inspect", "yolov8n.yaml"]) == 0
     out = capsys.readouterr().out
-    assert "region(s) traced by parts" in out and "\nTraced by parts: <root>, model, " in out
+    assert "region(s) traced by parts" in out and "\nTraced by parts: <root>, model.2, " in out
     assert "TraceError" not in out and "Proxy object" not in out
     assert main(["--verbose", "inspect", "yolov8n.yaml"]) == 0
     verbose = capsys.readouterr().out
