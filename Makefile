@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) recipes/yolov8_orepa.py --project runs/demo --epochs 5
+	$(PY) recipes/yolov8_orepa.py --project runs/demo --epochs 20
 
 test: setup
 	$(PY) -m pytest

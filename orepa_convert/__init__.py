@@ -7,7 +7,16 @@ from .block import OREPAConv
 from .config import BRANCHES, OREPAConfig
 from .convert import convert_to_orepa, inspect_model
 from .fold import fold_orepa
-from .report import ConversionReport, FoldReport
+from .report import ConversionReport, FoldReport, Status
+from .state import (
+    OREPAStateError,
+    load_state_dict,
+    orepa_state,
+    restore,
+    restore_from_orepa_state,
+    save,
+    state_from_layout,
+)
 
 __version__ = "0.1.0"
 
@@ -17,8 +26,16 @@ __all__ = [
     "FoldReport",
     "OREPAConfig",
     "OREPAConv",
+    "OREPAStateError",
+    "Status",
     "__version__",
     "convert_to_orepa",
     "fold_orepa",
     "inspect_model",
+    "load_state_dict",
+    "orepa_state",
+    "restore",
+    "restore_from_orepa_state",
+    "save",
+    "state_from_layout",
 ]

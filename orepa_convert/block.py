@@ -203,6 +203,8 @@ class OREPAConv(nn.Module):
         self.eval_cache: bool = config.eval_cache
         self.pw_kxk_width: int = width
         self.dws_expansion: int = expansion
+        self.seed: int = config.seed  # the config seed (this block's generator was seeded from it and its path)
+        self.pw_kxk_multiplier: int | None = config.pw_kxk_width  # as configured (None: the paper's rule)
 
         def random(*shape: int, fan_in: int) -> nn.Parameter:
             bound = math.sqrt(6.0 / fan_in)  # Kaiming-uniform with a = 0
@@ -428,6 +430,14 @@ class OREPAConv(nn.Module):
         return self.fold()
 
     # ------------------------------------------------------------------ state
+    def block_config(self) -> OREPAConfig:
+        """The :class:`OREPAConfig` (block fields only) that builds this block again; see :mod:`.state`."""
+        multiplier = self.__dict__.get("pw_kxk_multiplier", self.pw_kxk_width // self.in_channels)
+        return OREPAConfig(
+            init=self.init, branches=self.branches, pw_kxk_width=multiplier, dws_expansion=self.dws_expansion,
+            seed=self.__dict__.get("seed", 0), eval_cache=self.eval_cache,
+        )
+
     def _layout(self) -> list[int]:
         mask = sum(1 << BRANCHES.index(b) for b in self.branches)
         return [FORMAT_VERSION, mask, self.pw_kxk_width, self.dws_expansion]

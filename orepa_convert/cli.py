@@ -47,9 +47,8 @@ def _fold(args: argparse.Namespace) -> int:
     import torch
     from torch import nn
 
-    from .convert import convert_to_orepa
     from .fold import fold_orepa
-    from .integrations import ultralytics as ul
+    from .state import STATE_KEY, is_orepa_state_dict, restore_from_orepa_state, state_from_layout
 
     source = Path(args.checkpoint)
     if not source.is_file():
@@ -57,25 +56,37 @@ def _fold(args: argparse.Namespace) -> int:
     out = Path(args.output)
     obj = torch.load(source, map_location="cpu", weights_only=False)  # unpickles: trusted files only (see --help)
     if isinstance(obj, dict) and isinstance(obj.get("ema") or obj.get("model"), nn.Module):
+        import ultralytics  # noqa: F401  (the checkpoint unpickled, so ultralytics is installed)
+
+        from .integrations import ultralytics as ul
+
         ul.fold_checkpoint(source, out)
         print(f"folded ultralytics checkpoint -> {out}")
-    elif isinstance(obj, nn.Module):
+        return 0
+    if isinstance(obj, nn.Module):
         fold_orepa(obj, fuse_bn=args.fuse_bn)
         out.parent.mkdir(parents=True, exist_ok=True)
         torch.save(obj, out)
         print(f"folded pickled module -> {out}")
-    elif isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        if not args.model:
-            raise ValueError(f"{source} is a state_dict: give the architecture with --model (e.g. --model timm:resnet18)")
-        model = build_model(args.model, num_classes=args.num_classes)
-        convert_to_orepa(model, _config_from_args(args))
-        model.load_state_dict(obj, strict=True)
-        fold_orepa(model, fuse_bn=args.fuse_bn)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), out)
-        print(f"folded state_dict of {args.model} -> {out}")
-    else:
-        raise ValueError(f"{source}: expected an ultralytics checkpoint, a pickled module or a state_dict")
+        return 0
+    if not isinstance(obj, dict):
+        raise ValueError(f"{source}: expected an ultralytics checkpoint, a pickled module, an orepa_convert checkpoint or a state_dict")
+    # an orepa_convert checkpoint (orepa_convert.save, the timm recipe's last.pth) or a bare OREPA state_dict
+    record, state_dict = (obj[STATE_KEY], obj.get("orepa_model")) if STATE_KEY in obj else (None, obj)
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"{source}: no OREPA state_dict found (expected an 'orepa_model' entry or a bare state_dict)")
+    if record is None and not is_orepa_state_dict(state_dict):
+        raise ValueError(f"{source} holds no OREPA blocks: it is already a plain state_dict")
+    if not args.model:
+        raise ValueError(f"{source} is a state_dict: give its architecture with --model (e.g. --model timm:resnet18)")
+    model = build_model(args.model, num_classes=args.num_classes)
+    # the file's own record, or one rebuilt from the blocks' saved layouts: whatever config it was trained with
+    restore_from_orepa_state(model, record if record is not None else state_from_layout(model, state_dict))
+    model.load_state_dict(state_dict, strict=True)
+    fold_orepa(model, fuse_bn=args.fuse_bn)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out)
+    print(f"folded state_dict of {args.model} -> {out}")
     return 0
 
 
@@ -113,8 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="fold an OREPA checkpoint into a plain, stock one",
         description="Fold every OREPA block of CHECKPOINT into its original conv and write the result to OUT: an "
         "ultralytics checkpoint (last.pt / best.pt of an OREPA run) becomes a stock ultralytics checkpoint; a pickled "
-        "module (torch.save(model)) becomes the folded module; a state_dict of a converted model, with its "
-        "architecture given by --model (converted with the selection options below), becomes the plain state_dict. "
+        "module (torch.save(model)) becomes the folded module; an orepa_convert checkpoint (orepa_convert.save, the "
+        "timm recipe's last.pth) or a bare state_dict of a converted model, with its architecture given by --model, "
+        "becomes the plain state_dict (the conversion is rebuilt from the file's record or from the blocks' saved "
+        "layouts, whatever config it was trained with). "
         "WARNING: checkpoints and pickled modules are unpickled (torch.load(weights_only=False)), which runs code "
         "from the file: only fold files you trust.",
     )
@@ -123,7 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--model", help="architecture of a state_dict: timm:NAME, torchvision:NAME or an ultralytics YAML")
     f.add_argument("--num-classes", type=int, help="number of classes of that architecture (timm/torchvision)")
     f.add_argument("--fuse-bn", action="store_true", help="also fold each block's batch norm (modules and state_dicts)")
-    _add_selection_args(f)
     f.set_defaults(func=_fold)
     return parser
 

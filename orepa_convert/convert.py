@@ -3,64 +3,23 @@
 from __future__ import annotations
 
 import fnmatch
-import importlib
 import logging
-import sys
 import warnings
-from types import ModuleType
-import zlib
-from typing import Any, overload, Literal
+from typing import Any, Literal, overload
 
-import torch
 from torch import nn
 
 from . import ahead
 from .block import OREPAConv, branch_parameter_count
 from .config import OREPAConfig, resolve_config
+from .integrations import call_hook
 from .patterns import ConvMatch, match_convs
-from .report import ALREADY, CONVERTED, INELIGIBLE, NOT_SELECTED, SELECTED, ConvRecord, ConversionReport
+from .report import ConvRecord, ConversionReport, Status
+from .state import carried_state, unfold_carried
+from .surgery import convert_conv, unwrap_model
 from .tracing import trace_model
 
 logger = logging.getLogger(__name__)
-
-# Attributes every conv module has; anything else on a conv (e.g. ultralytics' i, f, type, np on a
-# top-level layer) is framework state that the block carries while it stands in the conv's place. Built on the
-# meta device: no initialisation runs, so importing the library leaves the global RNG untouched.
-_CONV_ATTRIBUTES = frozenset(nn.Conv2d(1, 1, 1, device="meta").__dict__)
-
-
-def ultralytics_integration() -> ModuleType | None:
-    """Our ultralytics integration, only if the user has imported ultralytics (an ultralytics object cannot
-    exist otherwise, and converting any other model must not import it)."""
-    if "ultralytics" not in sys.modules:
-        return None
-    return importlib.import_module(".integrations.ultralytics", __package__)
-
-
-def unwrap_model(model: Any) -> nn.Module:
-    """The module to work on inside DDP/DataParallel (``.module``), ``torch.compile`` (``._orig_mod``) and
-    ultralytics ``YOLO``-style wrappers (``.model``)."""
-    ul = ultralytics_integration()
-    seen = 0
-    while True:
-        seen += 1
-        if seen > 16:
-            raise TypeError("could not unwrap the model: too many nested wrappers")
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-            model = model._orig_mod
-        elif ul is not None and ul.is_ultralytics_wrapper(model):
-            model = model.model
-        else:
-            break
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"expected a torch.nn.Module (or a DDP / torch.compile / ultralytics YOLO wrapper of one), "
-            f"got {type(model).__name__}"
-        )
-    return model
-
 
 def _selection_problem(match: ConvMatch, config: OREPAConfig) -> str | None:
     """Why an eligible conv is not selected by ``config`` (every rule must pass; exclude always wins)."""
@@ -95,13 +54,7 @@ def _warn_unmatched_globs(matches: list[ConvMatch], config: OREPAConfig) -> None
                 )
 
 
-def block_seed(seed: int, path: str) -> int:
-    """Seed of the block at ``path``: depends only on the config seed and the path, so a block's random
-    branch weights do not change when other convs are included or excluded."""
-    return (seed * 1_000_003 + zlib.crc32(path.encode())) % (2**63)
-
-
-def _record(match: ConvMatch, status: str, reason: str = "", extra: int = 0) -> ConvRecord:
+def _record(match: ConvMatch, status: Status, reason: str = "", extra: int = 0) -> ConvRecord:
     conv = match.module
     site = next((s for s in match.sites if s.bn_path), None)
     return ConvRecord(
@@ -120,39 +73,21 @@ def _record(match: ConvMatch, status: str, reason: str = "", extra: int = 0) -> 
     )
 
 
-def _replace(root: nn.Module, paths: list[str], new: nn.Module) -> None:
-    for path in paths:
-        parent_path, _, name = path.rpartition(".")
-        setattr(root.get_submodule(parent_path), name, new)
-
-
-def _convert_one(match: ConvMatch, config: OREPAConfig, root: nn.Module) -> int:
-    conv = match.module
-    before = sum(p.numel() for p in conv.parameters())
-    framework_state = {k: v for k, v in conv.__dict__.items() if k not in _CONV_ATTRIBUTES and not k.startswith("_")}
-    block = OREPAConv(conv, config, generator=torch.Generator().manual_seed(block_seed(config.seed, match.path)))
-    for key, value in framework_state.items():
-        if not hasattr(type(block), key):
-            block.__dict__[key] = value
-    _replace(root, match.paths, block)
-    return sum(p.numel() for p in block.parameters()) - before
-
-
 def _plan(root: nn.Module, config: OREPAConfig) -> tuple[list[ConvMatch], ConversionReport]:
     trace = trace_model(root)
     matches = match_convs(root, trace)
     records = []
     for m in matches:
         if isinstance(m.module, OREPAConv):
-            records.append(_record(m, ALREADY))
+            records.append(_record(m, Status.ALREADY))
         elif not m.eligible:
-            records.append(_record(m, INELIGIBLE, m.reason or ""))
+            records.append(_record(m, Status.INELIGIBLE, m.reason or ""))
         else:
             problem = _selection_problem(m, config)
             if problem:
-                records.append(_record(m, NOT_SELECTED, problem))
+                records.append(_record(m, Status.NOT_SELECTED, problem))
             else:
-                records.append(_record(m, SELECTED, extra=branch_parameter_count(m.module, config)))
+                records.append(_record(m, Status.SELECTED, extra=branch_parameter_count(m.module, config)))
     return matches, ConversionReport(records, trace.untraced, config)
 
 
@@ -197,17 +132,22 @@ def convert_to_orepa(
             "parameters; convert before wrapping in DDP (or wrap again)",
             stacklevel=2,
         )
+    if carried_state(root) is not None:  # a folded checkpoint model that carries its OREPA training state
+        unfold_carried(root)
+        _, report = _plan(root, config)
+        ahead.attach(root)
+        call_hook("after_convert", model, root)
+        logger.info("OREPA: restored the %d trained blocks the folded model carried", report.already_converted)
+        return (model, report) if return_report else model
     matches, report = _plan(root, config)
     _warn_unmatched_globs(matches, config)
     for match, record in zip(matches, report.records):
-        if record.status == SELECTED:
-            record.extra_params = _convert_one(match, config, root)
-            record.status = CONVERTED
+        if record.status == Status.SELECTED:
+            record.extra_params = convert_conv(root, match.module, match.paths, config)
+            record.status = Status.CONVERTED
     if report.converted or report.already_converted:
         ahead.attach(root)
-    ul = ultralytics_integration()
-    if ul is not None and ul.is_ultralytics_wrapper(model):  # make the next .train() train this OREPA model
-        ul.record_conversion(model, config, report)
+        call_hook("after_convert", model, root)
     logger.info("%s\n%s", report.summary(), report.table())
     if report.converted == 0 and report.already_converted == 0:
         reasons = ", ".join(f"{n} {r}" for r, n in report.reasons().most_common(4)) or "no conv modules"

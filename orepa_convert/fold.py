@@ -11,7 +11,8 @@ from torch import nn
 
 from . import ahead, kernels
 from .block import OREPAConv
-from .convert import _replace, ultralytics_integration, unwrap_model
+from .surgery import CARRIED_ATTR, replace_at, unwrap_model
+from .integrations import call_hook
 from .patterns import ConvMatch, match_convs
 from .report import FoldRecord, FoldReport
 from .tracing import trace_model
@@ -76,7 +77,9 @@ def fold_orepa(model: Any, fuse_bn: bool = False, *, return_report: bool = False
     blocks = [m for m in match_convs(root, trace_model(root)) if isinstance(m.module, OREPAConv)] if fuse_bn else [
         ConvMatch(b, paths) for b, paths in _blocks(root).items()
     ]
-    if not blocks:
+    if not blocks and CARRIED_ATTR in root.__dict__:
+        logger.info("fold_orepa: %s is already folded (it carries its OREPA training state)", type(root).__name__)
+    elif not blocks:
         what = (
             "fuse_bn=True only fuses the batch norms after OREPA blocks; for a plain model use "
             "torch.fx.experimental.optimization.fuse or the framework's own fuse()"
@@ -91,7 +94,7 @@ def fold_orepa(model: Any, fuse_bn: bool = False, *, return_report: bool = False
     for match in blocks:
         block: OREPAConv = match.module  # type: ignore[assignment]
         conv = block.fold()
-        _replace(root, match.paths, conv)
+        replace_at(root, match.paths, conv)
         record = FoldRecord(match.path, type(conv).__name__)
         if fuse_bn:
             problem = _bn_fuse_problem(match, bn_uses)
@@ -99,15 +102,13 @@ def fold_orepa(model: Any, fuse_bn: bool = False, *, return_report: bool = False
             record.bn = site.bn_path if site else None
             if problem is None:
                 _fuse_bn(conv, site.bn)
-                _replace(root, [p for p, m in root.named_modules(remove_duplicate=False) if m is site.bn], _bn_replacement(site.bn))
+                replace_at(root, [p for p, m in root.named_modules(remove_duplicate=False) if m is site.bn], _bn_replacement(site.bn))
                 record.bn_fused = True
             else:
                 record.note = problem
         report.records.append(record)
     ahead.detach(root)
-    ul = ultralytics_integration()
-    if ul is not None and ul.is_ultralytics_wrapper(model):  # its checkpoint and class too: yolo.save() is stock
-        ul.finish_fold(model)
+    call_hook("after_fold", model, root)  # e.g. ultralytics: the checkpoint a YOLO object carries is folded too
     logger.info("%s\n%s", report.summary(), report.table() if report.records else "")
     return (model, report) if return_report else model
 

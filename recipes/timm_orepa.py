@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import glob
 import json
 import os
 import sys
@@ -31,7 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from orepa_convert import OREPAConfig, OREPAConv, convert_to_orepa, fold_orepa
+from orepa_convert import OREPAConfig, OREPAConv, convert_to_orepa, fold_orepa, restore_from_orepa_state, save
+from orepa_convert.state import STATE_KEY
 
 
 def _setup_distributed(device_arg: str) -> tuple[torch.device, int, int]:
@@ -73,17 +73,19 @@ def evaluate(model: nn.Module, loader, device: torch.device) -> tuple[float, tor
     return correct / max(total, 1), torch.cat(logits)
 
 
-def build(args: argparse.Namespace, num_classes: int, converted_paths: list[str] | None = None) -> tuple[nn.Module, list[str]]:
+def build(args: argparse.Namespace, num_classes: int, record: dict | None = None) -> tuple[nn.Module, int]:
+    """The timm model, converted (or, when resuming, converted exactly as ``record`` says); its block count."""
     import timm
 
     torch.manual_seed(args.seed)
     model = timm.create_model(args.model, pretrained=False, num_classes=num_classes)
-    if args.pretrained_checkpoint:
-        _load_plain_weights(model, args.pretrained_checkpoint)
-    include = [glob.escape(p) for p in converted_paths] if converted_paths else ()
-    _, report = convert_to_orepa(model, OREPAConfig(init=args.init, seed=args.seed), include=include, return_report=True)
-    paths = [r.path for r in report.records if r.status == "converted"]
-    return model, paths
+    if record is not None:
+        restore_from_orepa_state(model, record)
+    else:
+        if args.pretrained_checkpoint:
+            _load_plain_weights(model, args.pretrained_checkpoint)
+        convert_to_orepa(model, OREPAConfig(init=args.init, seed=args.seed))
+    return model, sum(isinstance(m, OREPAConv) for m in model.modules())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,10 +138,12 @@ def main(argv: list[str] | None = None) -> int:
                      f"process ({world} process(es)): nothing would be trained; lower --batch-size")
     val_loader = create_loader(val_set, is_training=False, distributed=False, crop_pct=1.0, **loader_args)
 
-    resume = torch.load(args.resume, map_location="cpu", weights_only=False) if args.resume else None
-    model, paths = build(args, num_classes, resume["orepa_paths"] if resume else None)
+    resume = torch.load(args.resume, map_location="cpu", weights_only=True) if args.resume else None
+    if resume is not None and STATE_KEY not in resume:
+        parser.error(f"{args.resume} has no OREPA record ('{STATE_KEY}'): resume from a last.pth this recipe wrote")
+    model, converted = build(args, num_classes, resume[STATE_KEY] if resume else None)
     if main_process:
-        print(f"OREPA: converted {len(paths)} convs of {args.model}")
+        print(f"OREPA: converted {converted} convs of {args.model}")
     model.to(device)
     if args.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -148,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
     start_epoch = 0
     if resume is not None:
-        model.load_state_dict(resume["model"])
+        model.load_state_dict(resume["orepa_model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         if ema is not None and resume.get("ema") is not None:
@@ -183,10 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         history.append({"epoch": epoch, "val_acc": acc, "seconds": time.time() - t0})
         if main_process:
             print(f"epoch {epoch + 1}/{args.epochs}: val top-1 {acc:.4f} ({time.time() - t0:.1f}s)")
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "epoch": epoch, "orepa_paths": paths,
-                        "ema": ema.module.state_dict() if ema is not None else None, "args": vars(args)},
-                       out_dir / "last.pth")
+            # the record, the OREPA weights and the folded plain weights ("state_dict", which stock timm loads)
+            save(model, out_dir / "last.pth", optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                 epoch=epoch, ema=ema.module.state_dict() if ema is not None else None, args=vars(args))
 
     final = copy.deepcopy(ema.module if ema is not None else model).eval()
     acc_orepa, logits_orepa = evaluate(final, val_loader, device)
@@ -194,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     assert not any(isinstance(m, OREPAConv) for m in final.modules())
     acc_folded, logits_folded = evaluate(final, val_loader, device)
     rel = ((logits_folded - logits_orepa).abs().max() / logits_orepa.abs().max().clamp_min(1e-12)).item()
-    summary = {"model": args.model, "num_classes": num_classes, "converted": len(paths), "val_acc_orepa": acc_orepa,
+    summary = {"model": args.model, "num_classes": num_classes, "converted": converted, "val_acc_orepa": acc_orepa,
                "val_acc_folded": acc_folded, "fold_rel_err": rel, "history": history, "world_size": world,
                "compiled": args.torchcompile}
     ok = acc_folded == acc_orepa and rel <= 1e-5

@@ -307,34 +307,6 @@ def test_parametrized_weight_rejected():
         OREPAConv(conv)
 
 
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(init="random"), "init"),
-        (dict(branches=("origin", "foo")), "branches"),
-        (dict(branches=()), "branches"),
-        (dict(branches=("avg", "pw")), "needs the 'origin' branch"),
-        (dict(pw_kxk_width=0), "pw_kxk_width"),
-        (dict(dws_expansion=-1), "dws_expansion"),
-        (dict(min_channels=-1), "min_channels"),
-        (dict(kernel_sizes=("x",)), "kernel_sizes"),
-        (dict(filter=3), "filter"),
-    ],
-)
-def test_config_validation(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        OREPAConfig(**kwargs)
-
-
-def test_config_replace_and_kernel_filter():
-    cfg = OREPAConfig(kernel_sizes=(3, (1, 3)), branches=["pw", "origin"])
-    assert cfg.branches == ("origin", "pw")
-    assert cfg.allows_kernel((3, 3)) and cfg.allows_kernel((1, 3)) and not cfg.allows_kernel((5, 5))
-    with pytest.raises(TypeError, match="unknown OREPAConfig field"):
-        cfg.replace(colour="red")
-    assert cfg.replace(seed=4).seed == 4
-
-
 @pytest.mark.parametrize("branches", [("avg",), ("prior",), ("pw_kxk",), ("pw",), ("dws",), ("avg", "dws"), ("origin", "prior")])
 def test_branch_subsets_match_feature_maps_and_fold(branches):
     conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=True).double()

@@ -1,19 +1,25 @@
-"""Ultralytics integration: train, validate, save and export OREPA models with the stock ultralytics workflow.
+"""Ultralytics plugin: train, validate, predict, export and checkpoint OREPA models with the stock workflow.
 
-How it hooks in (no ultralytics class or function is patched globally):
+The core imports this module only after the user has imported ultralytics. Nothing here is created at import
+time beyond ordinary class statements, no class of a user object is changed, and no ultralytics function is
+patched. How it hooks in:
 
-- ``convert_to_orepa(yolo)`` converts ``yolo.model`` in place, records what it converted in
-  ``yolo.model.yaml["orepa"]`` (a plain dict, so it travels inside checkpoints), and swaps the class of *that
-  one* ``YOLO`` object for a subclass (as ``torch.nn.utils.parametrize`` does for modules). The subclass passes
-  an OREPA trainer to ``.train()`` and folds a copy of the model for ``.val()``, ``.predict()``,
-  ``.export()`` and ``.benchmark()``.
-- The OREPA trainers (:class:`OREPADetectionTrainer`, ... , one per task trainer ultralytics ships, all
-  importable by module path for ``model.train(trainer=...)``) rebuild the OREPA structure whenever ultralytics
-  rebuilds the model. They load plain weights *before* converting and OREPA weights *after*. They keep the
-  per-channel scales out of weight decay for every optimizer ultralytics builds, and they validate a folded copy
-  of ``best.pt`` at the end of training (also written as ``best_folded.pt``).
-- ``fold_orepa(yolo)`` folds the model, the checkpoint it carries and the yaml record, and restores the
-  object's original class, so ``yolo.save()`` writes a stock checkpoint.
+- **Training.** ``convert_to_orepa(yolo)`` gives that one ``YOLO`` object a :class:`TrainerRouter` in place of
+  its ``_smart_load`` lookup, so ``yolo.train()`` builds the OREPA version of the task's trainer
+  (:class:`OREPADetectionTrainer`, ...: plain class statements, importable by path, which ultralytics' DDP
+  launcher needs). An OREPA trainer rebuilds the OREPA structure whenever ultralytics rebuilds the model, from
+  the conversion record (:mod:`orepa_convert.state`) of the model it starts from; it keeps the per-channel
+  scales out of weight decay for every optimizer ultralytics builds.
+- **Checkpoints stock tools can use.** The trainer saves the *folded* EMA model in ``last.pt``/``best.pt``, so
+  ``yolo val/predict/export model=best.pt`` and ``YOLO("best.pt").train(...)`` work without orepa_convert
+  (every tensor transfers: the file's model is the plain architecture). The OREPA training state rides along as
+  a plain dict on that model (:func:`orepa_convert.state.fold_carrying_state`); ``resume=True``, our trainers
+  and ``convert_to_orepa(YOLO("best.pt"))`` restore the exact OREPA model from it.
+- **Inference on an unfolded model.** Ultralytics calls ``model.fuse()`` before it predicts, validates,
+  exports or benchmarks, and uses what it returns. A converted task model gets a :class:`FoldedFuse` there:
+  it returns a folded, fused copy, cached until a parameter or buffer changes, and leaves the OREPA model as it
+  is. So ``predict``/``val`` cost what they cost on the folded model after the first call.
+- ``fold_orepa(yolo)`` removes both, and folds the checkpoint the object carries, so ``yolo.save()`` is stock.
 
 Loading a ``.pt`` unpickles it (``weights_only=False``, as ultralytics itself does): only load trusted files.
 """
@@ -22,139 +28,136 @@ from __future__ import annotations
 
 import copy
 import functools
-import glob
-import importlib
 import logging
 import os
 import tempfile
-from contextlib import contextmanager
+import weakref
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from ultralytics.engine.model import Model
+from ultralytics.models.rtdetr.train import RTDETRTrainer
+from ultralytics.models.yolo.classify import ClassificationTrainer
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.models.yolo.obb import OBBTrainer
+from ultralytics.models.yolo.pose import PoseTrainer
+from ultralytics.models.yolo.segment import SegmentationTrainer
+from ultralytics.models.yolo.world import WorldTrainer
+from ultralytics.nn.tasks import BaseModel
+
+from ..block import OREPAConv
+from ..config import OREPAConfig
+from ..convert import convert_to_orepa
+from ..fold import fold_orepa
+from ..state import carried_state, fold_carrying_state, orepa_state, restore_from_orepa_state, unfold_carried
+from ..surgery import CARRIED_ATTR
 
 logger = logging.getLogger(__name__)
 
-OREPA_KEY = "orepa"  # key in model.yaml (and trainer overrides) that carries the conversion record
-SPEC_FORMAT = 1
-
-# Selection fields are replaced by the exact list of converted paths; the filter callable cannot be stored.
-_SPEC_CONFIG_FIELDS = ("init", "branches", "pw_kxk_width", "dws_expansion", "seed", "eval_cache")
+LEGACY_KEY = "orepa"  # 0.1.0 kept its record in model.yaml["orepa"]; dropped wherever it is seen
 
 
-# ---------------------------------------------------------------------------------------------- loading
+# ---------------------------------------------------------------------------------------------- core hooks
 
 
-def is_ultralytics_wrapper(obj: object) -> bool:
-    """Whether ``obj`` is an ultralytics ``Model`` (``YOLO``, ``RTDETR``, ...) holding a task model in ``.model``."""
-    try:
-        from ultralytics.engine.model import Model
-    except ImportError:
-        return False
-    return isinstance(obj, Model) and isinstance(getattr(obj, "model", None), nn.Module)
+def unwrap(obj: object) -> nn.Module | None:
+    """The task model inside an ultralytics ``Model`` (``YOLO``, ``RTDETR``, ...)."""
+    if isinstance(obj, Model) and isinstance(getattr(obj, "model", None), nn.Module):
+        return obj.model
+    return None
 
 
-def load_model(source: str | os.PathLike) -> nn.Module:
-    """Build the task model (e.g. ``DetectionModel``) from an ultralytics YAML (no weights) or load a ``.pt``.
-
-    Loading a ``.pt`` unpickles it (``weights_only=False`` inside ultralytics): only use trusted files.
-    """
-    try:
-        from ultralytics import RTDETR, YOLO
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("loading ultralytics models needs ultralytics: pip install 'orepa-convert[yolo]'") from exc
-    wrapper = RTDETR if "rtdetr" in Path(source).name.lower() else YOLO
-    model = wrapper(str(source)).model
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"{source} did not give an ultralytics model")
-    return model
+def after_convert(obj: object, root: nn.Module) -> None:
+    """``root`` has OREPA blocks: give a task model its :class:`FoldedFuse`, a ``YOLO`` object its router."""
+    if isinstance(root, BaseModel) and not isinstance(root.__dict__.get("fuse"), FoldedFuse):
+        root.__dict__["fuse"] = FoldedFuse(root)
+    if isinstance(obj, Model):
+        if not isinstance(obj.__dict__.get("_smart_load"), TrainerRouter):
+            obj.__dict__["_smart_load"] = TrainerRouter(obj)
+        obj.predictor = None  # a cached predictor wraps the model as it was
 
 
-def is_shipped_yaml(name: str) -> bool:
-    """Whether ultralytics ships a model config for ``name`` (e.g. ``yolov8n`` or ``yolo11s-seg.yaml``)."""
-    try:
-        from ultralytics.nn.tasks import yaml_model_load
-    except ImportError:
-        return False
-    stem = name[:-5] if name.endswith(".yaml") else name
-    try:
-        yaml_model_load(f"{stem}.yaml")
-    except (FileNotFoundError, OSError, ValueError):
-        return False
-    return True
-
-
-# ---------------------------------------------------------------------------------------------- the record
-
-
-def make_spec(config: Any, converted_paths: list[str]) -> dict[str, Any]:
-    """The conversion record stored in ``model.yaml["orepa"]``: block config and the exact converted paths."""
-    return {
-        "format": SPEC_FORMAT,
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.to_dict().items() if k in _SPEC_CONFIG_FIELDS},
-        "paths": list(converted_paths),
-    }
-
-
-def spec_of(obj: Any) -> dict[str, Any] | None:
-    """The conversion record of a model, a yaml dict or a yaml path, if it has one."""
-    yaml = getattr(obj, "yaml", obj)
-    if isinstance(yaml, (str, Path)) and str(yaml).endswith((".yaml", ".yml")):
-        from ultralytics.nn.tasks import yaml_model_load
-
-        try:
-            yaml = yaml_model_load(yaml)
-        except (FileNotFoundError, OSError):
-            return None
-    spec = yaml.get(OREPA_KEY) if isinstance(yaml, dict) else None
-    if spec is not None and spec.get("format") != SPEC_FORMAT:
-        raise ValueError(
-            f"OREPA record format {spec.get('format')} is not supported by this orepa_convert (reads {SPEC_FORMAT})"
-        )
-    return spec
+def after_fold(obj: object, root: nn.Module) -> None:
+    """``root`` has no blocks any more: drop what :func:`after_convert` added; fold the checkpoint ``obj`` carries."""
+    if isinstance(root.__dict__.get("fuse"), FoldedFuse):
+        del root.__dict__["fuse"]
+    _drop_legacy_record(root)
+    if not isinstance(obj, Model):
+        return
+    obj.__dict__.pop("_smart_load", None)
+    ckpt = getattr(obj, "ckpt", None)
+    if isinstance(ckpt, dict):
+        for key in ("model", "ema"):
+            if has_blocks(ckpt.get(key)):
+                fold_orepa(ckpt[key])
+        ckpt.pop("optimizer", None)  # OREPA optimizer state does not fit the folded model
+    obj.predictor = None
 
 
 def has_blocks(model: Any) -> bool:
-    from ..block import OREPAConv
-
     return isinstance(model, nn.Module) and any(isinstance(m, OREPAConv) for m in model.modules())
 
 
-def apply_spec(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
-    """Convert a freshly built plain task model exactly as recorded (same paths, same config and seeds)."""
-    from ..config import OREPAConfig
-    from ..convert import convert_to_orepa
-
-    paths = spec.get("paths") or []
-    config = OREPAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()})
-    _, report = convert_to_orepa(model, config, include=[glob.escape(p) for p in paths] or (), return_report=True)
-    got = {r.path for r in report.records if r.status in ("converted", "already converted")}
-    missing = sorted(set(paths) - got)
-    if missing:
-        raise RuntimeError(
-            f"could not rebuild the OREPA structure: {len(missing)} recorded conv(s) are not eligible in this model "
-            f"(first: {missing[0]}); was the checkpoint made with another architecture or ultralytics version?"
-        )
-    model.yaml[OREPA_KEY] = make_spec(config, sorted(got))
-    return model
+def _drop_legacy_record(model: Any) -> None:
+    if isinstance(getattr(model, "yaml", None), dict):
+        model.yaml.pop(LEGACY_KEY, None)
 
 
-def record_conversion(wrapper: Any, config: Any, report: Any) -> None:
-    """After ``convert_to_orepa(yolo)``: store the record in ``yolo.model.yaml`` and make this object OREPA-aware."""
-    from ..report import ALREADY, CONVERTED
+# ---------------------------------------------------------------------------------------------- inference
 
-    model = wrapper.model
-    paths = sorted(r.path for r in report.records if r.status in (CONVERTED, ALREADY))
-    if not paths:
-        return
-    previous = spec_of(model)
-    if not isinstance(getattr(model, "yaml", None), dict):
-        model.yaml = {}
-    if previous is None or report.converted:
-        model.yaml[OREPA_KEY] = make_spec(config, paths)
-    # else: an OREPA checkpoint converted again changes nothing and keeps its own record
-    _make_orepa_aware(wrapper)
+
+def _version(t: torch.Tensor) -> int:
+    return -1 if t.is_inference() else t._version  # inference tensors keep no version counter
+
+
+def _version_key(model: nn.Module) -> tuple:
+    return tuple((id(t), t.data_ptr(), _version(t), t.dtype, t.device) for t in chain(model.parameters(), model.buffers()))
+
+
+class FoldedFuse:
+    """Stands in for ``fuse`` on one unfolded ultralytics task model: returns a folded, fused copy (what
+    ultralytics deploys), cached until a parameter or buffer of the model changes; the model itself stays OREPA.
+
+    Ultralytics deep-copies the model before it validates. A deep copy shares this cache while its source is
+    unchanged and its own tensors still equal the source's (compared by value: far cheaper than folding).
+    Picklable (a pickled copy starts with an empty cache).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._shared: dict[str, Any] = {}  # {"key": version key, "folded": the deployable copy}
+        self._source: weakref.ref[FoldedFuse] | None = None  # for a deep copy: the instance it was copied from
+        self._source_key: tuple | None = None
+
+    def _key(self) -> tuple:
+        source = self._source() if self._source is not None else None
+        if source is not None and source._key() == self._source_key:
+            pairs = zip(chain(self.model.parameters(), self.model.buffers()), chain(source.model.parameters(), source.model.buffers()))
+            if all(a.shape == b.shape and torch.equal(a, b) for a, b in pairs):
+                return self._source_key
+        return _version_key(self.model)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> nn.Module:
+        key = self._key()
+        if self._shared.get("key") != key:
+            folded = copy.deepcopy(self.model)
+            fold_orepa(folded)  # removes the copy's FoldedFuse: fuse() below is ultralytics' own
+            self._shared.clear()
+            self._shared.update(key=key, folded=folded.fuse(*args, **kwargs))
+        return self._shared["folded"]
+
+    def __deepcopy__(self, memo: dict) -> FoldedFuse:
+        new = FoldedFuse.__new__(FoldedFuse)
+        memo[id(self)] = new
+        new._shared, new._source, new._source_key = self._shared, weakref.ref(self), self._key()
+        new.model = copy.deepcopy(self.model, memo)
+        return new
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"model": self.model, "_shared": {}, "_source": None, "_source_key": None}
 
 
 # ---------------------------------------------------------------------------------------------- trainers
@@ -163,10 +166,10 @@ def record_conversion(wrapper: Any, config: Any, report: Any) -> None:
 class OREPATrainerMixin:
     """Mixed into each ultralytics task trainer; see the module docstring."""
 
-    def __init__(self, cfg: Any = None, overrides: dict | None = None, _callbacks: Any = None) -> None:
-        overrides = dict(overrides or {})
-        self.orepa_spec = overrides.pop(OREPA_KEY, None)
-        self._orepa_start = overrides.pop("orepa_start", None)
+    def __init__(self, cfg: Any = None, overrides: dict | None = None, _callbacks: Any = None,
+                 orepa_start: nn.Module | None = None) -> None:
+        overrides = {k: v for k, v in (overrides or {}).items() if k != LEGACY_KEY}
+        self._orepa_start = orepa_start  # the in-memory model the user converted (e.g. built from a YAML)
         if cfg is None:
             from ultralytics.utils import DEFAULT_CFG
 
@@ -174,23 +177,21 @@ class OREPATrainerMixin:
         super().__init__(cfg, overrides, _callbacks)  # type: ignore[call-arg]
 
     def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
-        """Build the plain model, then load plain weights and convert, or convert and load OREPA weights."""
-        if weights is None and self._orepa_start is not None and self.args.pretrained is not False:
-            weights = self._orepa_start  # the in-memory model the user converted (e.g. built from a YAML)
-        spec = self.orepa_spec or spec_of(weights) or spec_of(cfg)
-        if spec is None:  # a plain model given to an OREPA trainer: convert every eligible conv with defaults
-            from ..config import OREPAConfig
-
-            spec = make_spec(OREPAConfig(), [])
+        """Build the plain model, then load plain weights and convert, or convert as recorded and load OREPA weights."""
+        if weights is None and self._orepa_start is not None and self.args.pretrained is not False:  # type: ignore[attr-defined]
+            weights = self._orepa_start
+        if isinstance(weights, nn.Module) and carried_state(weights) is not None:
+            weights = unfold_carried(copy.deepcopy(weights))  # a folded OREPA checkpoint: its trained blocks
         if isinstance(cfg, dict):
-            cfg = {k: v for k, v in cfg.items() if k != OREPA_KEY}
+            cfg = {k: v for k, v in cfg.items() if k != LEGACY_KEY}
         if has_blocks(weights):
             model = super().get_model(cfg=cfg, weights=None, verbose=verbose)  # type: ignore[misc]
-            apply_spec(model, spec)
+            restore_from_orepa_state(model, orepa_state(weights))
             _load_orepa_weights(model, weights)
-        else:
+        else:  # plain weights (or none): convert every eligible conv with the default config
             model = super().get_model(cfg=cfg, weights=weights, verbose=verbose)  # type: ignore[misc]
-            apply_spec(model, spec)
+            convert_to_orepa(model, OREPAConfig())
+        _drop_legacy_record(model)
         return model
 
     def build_optimizer(self, model: nn.Module, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
@@ -199,30 +200,24 @@ class OREPATrainerMixin:
         exempt_scales_from_weight_decay(optimizer, model)
         return optimizer
 
-    def final_eval(self) -> None:
-        """Validate a folded copy of ``best.pt`` (ultralytics fuses the model it validates; blocks must not be fused)."""
-        best = self.best
-        folded = best.with_name(f"{best.stem}_folded{best.suffix}")
-        from ultralytics.utils import RANK
-
-        if best.exists() and RANK in {-1, 0}:
-            fold_checkpoint(best, folded)
-        if not folded.exists():
-            return super().final_eval()  # type: ignore[misc]
-        self.best = folded
+    def save_model(self) -> Any:
+        """Ultralytics' checkpoints, holding the folded EMA model that carries its OREPA training state."""
+        live = self.ema.ema  # type: ignore[attr-defined]
+        self.ema.ema = fold_carrying_state(live, torch.half)  # type: ignore[attr-defined]  # ultralytics saves fp16
         try:
-            super().final_eval()  # type: ignore[misc]
+            return super().save_model()  # type: ignore[misc]
         finally:
-            self.best = best
-        if best.exists() and RANK in {-1, 0}:
-            from ultralytics.utils.torch_utils import strip_optimizer
+            self.ema.ema = live  # type: ignore[attr-defined]
 
-            strip_optimizer(best)
+    def resume_training(self, ckpt: dict | None) -> Any:
+        """Resume from a checkpoint of ours: the EMA state is the OREPA model the folded one carries."""
+        ema = ckpt.get("ema") if isinstance(ckpt, dict) else None
+        if isinstance(ema, nn.Module) and carried_state(ema) is not None:
+            ckpt = {**ckpt, "ema": unfold_carried(copy.deepcopy(ema))}
+        return super().resume_training(ckpt)  # type: ignore[misc]
 
 
 def _load_orepa_weights(model: nn.Module, weights: nn.Module) -> None:
-    from ..block import OREPAConv
-
     source = weights.float().state_dict()
     target = model.state_dict()
     usable = {
@@ -241,8 +236,6 @@ def _load_orepa_weights(model: nn.Module, weights: nn.Module) -> None:
 
 def exempt_scales_from_weight_decay(optimizer: torch.optim.Optimizer, model: nn.Module) -> int:
     """Move OREPA per-channel scales out of every param group with weight decay into a matching no-decay group."""
-    from ..block import OREPAConv
-
     scales = {id(m.scales) for m in model.modules() if isinstance(m, OREPAConv)}
     moved = 0
     for group in list(optimizer.param_groups):
@@ -270,150 +263,88 @@ def exempt_scales_from_weight_decay(optimizer: torch.optim.Optimizer, model: nn.
     return moved
 
 
-def _trainer_classes() -> dict[str, type]:
-    """Every task trainer of the installed ultralytics, by name."""
-    found: dict[str, type] = {}
-    for module in (
-        "ultralytics.models.yolo.detect", "ultralytics.models.yolo.segment", "ultralytics.models.yolo.pose",
-        "ultralytics.models.yolo.classify", "ultralytics.models.yolo.obb", "ultralytics.models.yolo.depth",
-        "ultralytics.models.yolo.semantic", "ultralytics.models.yolo.world", "ultralytics.models.yolo.yoloe",
-        "ultralytics.models.rtdetr",
-    ):
-        try:
-            mod = importlib.import_module(module)
-        except Exception:  # a task this ultralytics version does not have
-            continue
-        for name in dir(mod):
-            obj = getattr(mod, name)
-            if isinstance(obj, type) and name.endswith("Trainer") and hasattr(obj, "get_model"):
-                found[name] = obj
-    return found
+class OREPADetectionTrainer(OREPATrainerMixin, DetectionTrainer):
+    """``DetectionTrainer`` with OREPA."""
 
 
-def _define_trainers() -> dict[type, type]:
-    """``OREPA<Name>`` for each ultralytics trainer, defined at import so that they are importable by path."""
-    made: dict[type, type] = {}
-    try:
-        classes = _trainer_classes()
-    except ImportError:
-        return made
-    for name, base in classes.items():
-        cls = type(f"OREPA{name}", (OREPATrainerMixin, base), {"__module__": __name__, "__doc__": f"{name} with OREPA."})
-        globals()[cls.__name__] = cls
-        made[base] = cls
-    return made
+class OREPASegmentationTrainer(OREPATrainerMixin, SegmentationTrainer):
+    """``SegmentationTrainer`` with OREPA."""
 
 
-_TRAINERS: dict[type, type] = _define_trainers()
+class OREPAPoseTrainer(OREPATrainerMixin, PoseTrainer):
+    """``PoseTrainer`` with OREPA."""
+
+
+class OREPAClassificationTrainer(OREPATrainerMixin, ClassificationTrainer):
+    """``ClassificationTrainer`` with OREPA."""
+
+
+class OREPAOBBTrainer(OREPATrainerMixin, OBBTrainer):
+    """``OBBTrainer`` with OREPA."""
+
+
+class OREPARTDETRTrainer(OREPATrainerMixin, RTDETRTrainer):
+    """``RTDETRTrainer`` with OREPA."""
+
+
+class OREPAWorldTrainer(OREPATrainerMixin, WorldTrainer):
+    """``WorldTrainer`` with OREPA."""
+
+
+#: ultralytics trainer -> its OREPA version
+TRAINERS: dict[type, type] = {
+    DetectionTrainer: OREPADetectionTrainer,
+    SegmentationTrainer: OREPASegmentationTrainer,
+    PoseTrainer: OREPAPoseTrainer,
+    ClassificationTrainer: OREPAClassificationTrainer,
+    OBBTrainer: OREPAOBBTrainer,
+    RTDETRTrainer: OREPARTDETRTrainer,
+    WorldTrainer: OREPAWorldTrainer,
+}
 
 
 def orepa_trainer(base: type) -> type:
     """The OREPA version of an ultralytics trainer class (``base`` itself if it already is one)."""
     if issubclass(base, OREPATrainerMixin):
         return base
-    if base in _TRAINERS:
-        return _TRAINERS[base]
+    if base in TRAINERS:
+        return TRAINERS[base]
     raise TypeError(
-        f"no OREPA trainer for {base.__module__}.{base.__qualname__}; define one importable by module path as "
-        f"`class MyTrainer(orepa_convert.integrations.ultralytics.OREPATrainerMixin, {base.__name__})`"
+        f"no OREPA trainer for {base.__module__}.{base.__qualname__}; define one importable by module path, "
+        f"`class MyTrainer(orepa_convert.integrations.ultralytics.OREPATrainerMixin, {base.__name__})`, and pass "
+        f"it: model.train(trainer=MyTrainer, ...)"
     )
 
 
-# ---------------------------------------------------------------------------------------------- the YOLO object
+class TrainerRouter:
+    """Stands in for ``_smart_load`` on one converted ``YOLO`` object: the trainer it finds is the OREPA
+    version, started from the object's in-memory model when it was not loaded from a checkpoint."""
 
+    def __init__(self, wrapper: Model) -> None:
+        self.wrapper = wrapper
 
-class OREPAModelMixin:
-    """Per-instance class of a converted ``YOLO`` object (see the module docstring)."""
-
-    def train(self, trainer: type | None = None, **kwargs: Any) -> Any:
-        base = trainer if trainer is not None else self._smart_load("trainer")  # type: ignore[attr-defined]
-        kwargs.setdefault(OREPA_KEY, spec_of(self.model))  # type: ignore[attr-defined]
-        if not self.ckpt and not kwargs.get("resume"):  # type: ignore[attr-defined]
-            kwargs.setdefault("orepa_start", self.model)  # type: ignore[attr-defined]
-        return super().train(trainer=orepa_trainer(base), **kwargs)  # type: ignore[misc]
-
-    @contextmanager
-    def _folded(self):
-        from ..fold import fold_orepa
-
-        original = self.model  # type: ignore[attr-defined]
-        self.model = fold_orepa(copy.deepcopy(original))  # type: ignore[attr-defined]
-        self.model.yaml = {k: v for k, v in getattr(self.model, "yaml", {}).items() if k != OREPA_KEY}
-        try:
-            yield
-        finally:
-            self.model = original  # type: ignore[attr-defined]
-
-    def val(self, *args: Any, **kwargs: Any) -> Any:
-        with self._folded():
-            return super().val(*args, **kwargs)  # type: ignore[misc]
-
-    def predict(self, *args: Any, **kwargs: Any) -> Any:
-        with self._folded():
-            self.predictor = None  # type: ignore[attr-defined]  # never keep a predictor around a stale copy
-            return super().predict(*args, **kwargs)  # type: ignore[misc]
-
-    def export(self, *args: Any, **kwargs: Any) -> Any:
-        with self._folded():
-            return super().export(*args, **kwargs)  # type: ignore[misc]
-
-    def benchmark(self, *args: Any, **kwargs: Any) -> Any:
-        with self._folded():
-            return super().benchmark(*args, **kwargs)  # type: ignore[misc]
-
-    def fuse(self, *args: Any, **kwargs: Any) -> Any:
-        from ..fold import fold_orepa
-
-        fold_orepa(self)  # folding is what fusing an OREPA model means; afterwards this is a plain model
-        return self.fuse(*args, **kwargs)  # type: ignore[attr-defined]
-
-
-@functools.lru_cache(maxsize=None)
-def _orepa_class(base: type) -> type:
-    cls = type(f"OREPA{base.__name__}", (OREPAModelMixin, base), {"__module__": __name__})
-    globals()[cls.__name__] = cls
-    return cls
-
-
-def _make_orepa_aware(wrapper: Any) -> None:
-    if not isinstance(wrapper, OREPAModelMixin):
-        wrapper.__class__ = _orepa_class(type(wrapper))
-
-
-def finish_fold(wrapper: Any) -> None:
-    """After ``fold_orepa(yolo)``: fold the checkpoint the object carries, drop the record, restore the class."""
-    from ..fold import fold_orepa
-
-    model = wrapper.model
-    if isinstance(getattr(model, "yaml", None), dict):
-        model.yaml.pop(OREPA_KEY, None)
-    ckpt = getattr(wrapper, "ckpt", None)
-    if isinstance(ckpt, dict):
-        for key in ("model", "ema"):
-            if has_blocks(ckpt.get(key)):
-                fold_orepa(ckpt[key])
-                if isinstance(getattr(ckpt[key], "yaml", None), dict):
-                    ckpt[key].yaml.pop(OREPA_KEY, None)
-        ckpt.pop("optimizer", None)  # OREPA optimizer state does not fit the folded model
-    if isinstance(wrapper, OREPAModelMixin):
-        wrapper.__class__ = next(c for c in type(wrapper).__mro__[1:] if not issubclass(c, OREPAModelMixin))
-    wrapper.predictor = None
+    def __call__(self, key: str) -> Any:
+        found = type(self.wrapper)._smart_load(self.wrapper, key)
+        if key != "trainer":
+            return found
+        start = None if self.wrapper.ckpt else self.wrapper.model
+        return functools.partial(orepa_trainer(found), orepa_start=start)
 
 
 # ---------------------------------------------------------------------------------------------- files
 
 
 def fold_checkpoint(source: str | os.PathLike, destination: str | os.PathLike) -> Path:
-    """Write a stock ultralytics checkpoint with every OREPA block of ``source`` folded (unpickles: trusted files only)."""
-    from ..fold import fold_orepa
-
+    """Write a stock ultralytics checkpoint of ``source`` with no OREPA blocks and no OREPA state (unpickles:
+    trusted files only). Reads checkpoints of this version (folded, carrying state) and of 0.1.0 (unfolded)."""
     ckpt = torch.load(source, map_location="cpu", weights_only=False)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("ema") or ckpt.get("model"), nn.Module):
         raise ValueError(f"{source} is not an ultralytics checkpoint (a dict with a 'model' or 'ema' module)")
     model = ckpt.get("ema") or ckpt["model"]
-    fold_orepa(model)
-    if isinstance(getattr(model, "yaml", None), dict):
-        model.yaml.pop(OREPA_KEY, None)
+    model.__dict__.pop(CARRIED_ATTR, None)
+    if has_blocks(model):
+        fold_orepa(model)
+    _drop_legacy_record(model)
     ckpt.update(model=model, ema=None, optimizer=None, updates=None, scaler=None, epoch=-1)
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
