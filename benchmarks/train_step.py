@@ -7,6 +7,10 @@ rounds (plain, orepa, plain, orepa, ...), keeping each variant's smallest median
     python benchmarks/train_step.py                       # resnet18 b32@224 and yolov8n b16@256
     python benchmarks/train_step.py --cases torchvision:resnet18@32x224 --json out.json
     python benchmarks/train_step.py --compile --cases torchvision:resnet18@32x224   # torch.compile'd steps
+    python benchmarks/train_step.py --variants plain orepa orepa_1x1 --cases yolov8n@16x256 timm:resnet50@16x160
+
+Variants: ``plain``; ``orepa`` (the default selection: every kxk conv -> BN); ``orepa_1x1`` (also every 1x1 conv
+-> BN, ``kernel_sizes=(1, 3, 5, 7)``).
 
 With ``--compile`` both variants run as ``torch.compile(model)`` (inductor, default mode) and the ratio is
 compiled OREPA over compiled plain; the first (compiling) step is reported separately as ``first_step_s``.
@@ -32,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from benchmarks.common import cpu_name, peak_rss_mb, proxy_loss, run_worker  # noqa: E402
 
 DEFAULT_CASES = ["torchvision:resnet18@32x224", "yolov8n@16x256"]
+#: variant -> convert_to_orepa overrides (None: the plain model)
+VARIANTS: dict[str, dict | None] = {"plain": None, "orepa": {}, "orepa_1x1": {"kernel_sizes": (1, 3, 5, 7)}}
 CONVERT_TIME_MODELS = ["yolov8x", "timm:resnet50"]
 
 
@@ -48,8 +54,8 @@ def worker(
     torch.set_flush_denormal(True)  # see benchmarks/latency.py: same setting for every variant
     torch.manual_seed(0)
     model = build_model(spec)
-    if variant == "orepa":
-        convert_to_orepa(model)
+    if variant in VARIANTS and VARIANTS[variant] is not None:
+        convert_to_orepa(model, **VARIANTS[variant])
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     if compiled:
@@ -102,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--convert-models", nargs="*", default=CONVERT_TIME_MODELS)
     parser.add_argument("--compile", action="store_true", help="torch.compile both variants (inductor)")
+    parser.add_argument("--variants", nargs="+", default=["plain", "orepa"], choices=list(VARIANTS),
+                        help="plain is always run (ratios are against it)")
     parser.add_argument("--json", metavar="PATH")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:  # internal: one variant in this (fresh) process
@@ -119,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                         "cpu": cpu_name(), "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds,
                         "compiled": args.compile},
                "training": [], "convert_fold": []}
-    jobs = [(case, r, v) for case in args.cases for r in range(args.rounds) for v in ("plain", "orepa")]
+    variants = ["plain", *(v for v in dict.fromkeys(args.variants) if v != "plain")]
+    results["meta"]["variants"] = variants
+    jobs = [(case, r, v) for case in args.cases for r in range(args.rounds) for v in variants]
     best: dict[tuple[str, str], dict] = {}
     for case, _, variant in tqdm(jobs, desc="training steps", unit="run"):
         spec, _, shape = case.rpartition("@")
@@ -133,13 +143,17 @@ def main(argv: list[str] | None = None) -> int:
             "first_step_s": max(res["first_step_s"], prev["first_step_s"]) if prev else res["first_step_s"],
         }
     for case in args.cases:
-        p, o = best[(case, "plain")], best[(case, "orepa")]
-        results["training"].append({
-            "case": case, "plain_step_ms": p["median_ms"], "orepa_step_ms": o["median_ms"],
-            "time_ratio": o["median_ms"] / p["median_ms"], "plain_peak_rss_mb": p["peak_rss_mb"],
-            "orepa_peak_rss_mb": o["peak_rss_mb"], "rss_ratio": o["peak_rss_mb"] / p["peak_rss_mb"],
-            "plain_first_step_s": p["first_step_s"], "orepa_first_step_s": o["first_step_s"],
-        })
+        p = best[(case, "plain")]
+        row = {"case": case, "plain_step_ms": p["median_ms"], "plain_peak_rss_mb": p["peak_rss_mb"],
+               "plain_first_step_s": p["first_step_s"]}
+        for variant in variants[1:]:
+            o, tag = best[(case, variant)], "" if variant == "orepa" else variant.removeprefix("orepa")
+            row.update({
+                f"{variant}_step_ms": o["median_ms"], f"time_ratio{tag}": o["median_ms"] / p["median_ms"],
+                f"{variant}_peak_rss_mb": o["peak_rss_mb"], f"rss_ratio{tag}": o["peak_rss_mb"] / p["peak_rss_mb"],
+                f"{variant}_first_step_s": o["first_step_s"],
+            })
+        results["training"].append(row)
     for spec in tqdm(args.convert_models, desc="convert/fold time", unit="model"):
         results["convert_fold"].append(convert_fold_time(spec))
     text = json.dumps(results, indent=2)

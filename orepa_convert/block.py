@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from . import kernels
-from .config import BRANCHES, PAPER_SCALE_INIT, OREPAConfig
+from .config import BRANCHES, PAPER_SCALE_INIT, PAPER_SCALE_INIT_1X1, OREPAConfig
 
 #: Version of the block's state_dict layout; stored in every block's extra state.
 FORMAT_VERSION = 2
@@ -31,8 +31,11 @@ def supported_conv_types() -> tuple[type[nn.Module], ...]:
     return _PLAIN_CONVS + _same_padding_convs()
 
 
-def unsupported_reason(conv: nn.Module) -> str | None:
-    """Why ``conv`` cannot be wrapped, or ``None`` if it can."""
+SINGLE_TAP = "single-tap (1x1) kernel (opt 1x1 convs in with kernel_sizes=(1, 3))"
+
+
+def unsupported_reason(conv: nn.Module, *, pointwise: bool = False) -> str | None:
+    """Why ``conv`` cannot be wrapped, or ``None`` if it can; single-tap (1x1) kernels only with ``pointwise``."""
     if torch.nn.utils.parametrize.is_parametrized(conv, "weight"):
         return "weight is parametrized"
     if type(conv) not in supported_conv_types():
@@ -42,8 +45,8 @@ def unsupported_reason(conv: nn.Module) -> str | None:
     weight = conv._parameters.get("weight")
     if not isinstance(weight, nn.Parameter):
         return "conv has no weight parameter"
-    if kernels.num_taps(weight.shape[2:]) < 2:
-        return "single-tap (1x1) kernel"
+    if kernels.num_taps(weight.shape[2:]) < 2 and not pointwise:
+        return SINGLE_TAP
     return None
 
 
@@ -52,6 +55,7 @@ def branch_parameter_count(conv: nn.Module, config: OREPAConfig) -> int:
     out_channels, in_channels, groups = conv.out_channels, conv.in_channels, conv.groups
     in_per_group, taps = in_channels // groups, kernels.num_taps(conv.kernel_size)
     width, e = config.branch_width(in_channels, groups), config.dws_expansion
+    branches = config.branches_for(tuple(conv.kernel_size))
     sizes = {
         "origin": 0,  # replaces the conv's own weight (the same tensor with init="preserve")
         "avg": out_channels * in_per_group,
@@ -60,7 +64,7 @@ def branch_parameter_count(conv: nn.Module, config: OREPAConfig) -> int:
         "pw": out_channels * in_per_group,
         "dws": e * in_channels * taps + out_channels * e * in_per_group,
     }
-    return sum(sizes[b] + out_channels for b in config.branches)  # + one scale vector per branch
+    return sum(sizes[b] + out_channels for b in branches)  # + one scale vector per branch
 
 
 def generation_ahead_allowed() -> bool:
@@ -185,7 +189,7 @@ class OREPAConv(nn.Module):
             raise TypeError("conv is already an OREPAConv")
         if not isinstance(conv, nn.Module):
             raise TypeError(f"OREPAConv wraps a conv module, got {type(conv).__name__}")
-        reason = unsupported_reason(conv)
+        reason = unsupported_reason(conv, pointwise=True)
         if reason is not None:
             raise ValueError(f"cannot convert {type(conv).__name__}: {reason}")
         config = config or OREPAConfig()
@@ -197,8 +201,13 @@ class OREPAConv(nn.Module):
         expansion = config.dws_expansion
         gen = generator if generator is not None else torch.Generator().manual_seed(config.seed)
         num_taps = kernels.num_taps(kernel_size)
+        branches = config.branches_for(tuple(kernel_size))
+        if num_taps == 1 and "pw_kxk" not in branches:
+            raise ValueError(
+                f"a 1x1 OREPA block needs the 'pw_kxk' branch (the 1x1 chain); config.branches={config.branches!r}"
+            )
 
-        self.branches: tuple[str, ...] = config.branches
+        self.branches: tuple[str, ...] = branches
         self.init: str = config.init
         self.eval_cache: bool = config.eval_cache
         self.pw_kxk_width: int = width
@@ -238,7 +247,7 @@ class OREPAConv(nn.Module):
         if config.init == "preserve":
             values = [1.0 if b == "origin" else 0.0 for b in self.branches]
         else:
-            values = [PAPER_SCALE_INIT[b] for b in self.branches]
+            values = [(PAPER_SCALE_INIT_1X1 if num_taps == 1 else PAPER_SCALE_INIT)[b] for b in self.branches]
         scales = torch.tensor(values, dtype=torch.float64).repeat_interleave(out_channels)
         # one 1-D parameter [n * O]; row j of its [n, O] view scales branch j (see scale())
         self.scales = nn.Parameter(scales.to(device=weight.device, dtype=weight.dtype), weight.requires_grad)

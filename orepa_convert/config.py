@@ -22,6 +22,13 @@ PAPER_SCALE_INIT: dict[str, float] = {
     "dws": 0.5,
 }
 
+#: Branches of the 1x1 OREPA block (the paper's ``OREPA_1x1``): the origin 1x1 and the 1x1 -> 1x1 chain whose
+#: first (square) factor starts at the identity. The other branches collapse to a plain 1x1 for a 1x1 kernel.
+POINTWISE_BRANCHES: tuple[str, ...] = ("origin", "pw_kxk")
+
+#: Per-branch scale initialisation of the reference ``OREPA_1x1`` ("paper" init of a 1x1 block).
+PAPER_SCALE_INIT_1X1: dict[str, float] = {"origin": 1.0, "pw_kxk": 0.5}
+
 Init = Literal["preserve", "paper"]
 ModuleFilter = Callable[[str, nn.Module], bool]
 
@@ -67,7 +74,8 @@ class OREPAConfig:
         include: module-path globs (``fnmatch``); empty means every path.
         exclude: module-path globs that are never converted.
         kernel_sizes: allowed kernels: ints (``k`` along every spatial axis) or exact shapes as tuples,
-            e.g. ``(3, 5)`` or ``((1, 3), 3)``; ``None`` allows every kernel with more than one tap.
+            e.g. ``(3, 5)`` or ``((1, 3), 3)``; ``None`` allows every kernel with more than one tap. Listing
+            ``1`` (e.g. ``(1, 3)``) opts 1x1 convs in: they become 1x1 OREPA blocks (:data:`POINTWISE_BRANCHES`).
         min_channels: convert only if ``min(in_channels, out_channels) >= min_channels``.
         depthwise: whether depthwise convs (``groups == in_channels > 1``) are converted.
         filter: a callable ``filter(name, conv) -> bool`` applied last.
@@ -124,6 +132,11 @@ class OREPAConfig:
             if not isinstance(specs, (tuple, list)) or not specs:
                 raise ValueError(f"OREPAConfig.kernel_sizes must be None or a non-empty sequence, got {specs!r}")
             set_(self, "kernel_sizes", tuple(_kernel_spec(s) for s in specs))
+        if self.pointwise and "pw_kxk" not in self.branches:
+            raise ValueError(
+                "OREPAConfig.kernel_sizes opts 1x1 convs in, but the 1x1 OREPA block needs the 'pw_kxk' branch (the "
+                f"1x1 chain); add it to branches={self.branches!r} or leave 1 out of kernel_sizes"
+            )
         if not isinstance(self.min_channels, int) or isinstance(self.min_channels, bool) or self.min_channels < 0:
             raise ValueError(f"OREPAConfig.min_channels must be a non-negative int, got {self.min_channels!r}")
         if not isinstance(self.depthwise, bool):
@@ -140,6 +153,20 @@ class OREPAConfig:
         if unknown:
             raise TypeError(f"unknown OREPAConfig field(s) {unknown}; valid fields are {sorted(valid)}")
         return dataclasses.replace(self, **overrides)
+
+    @property
+    def pointwise(self) -> bool:
+        """Whether ``kernel_sizes`` opts single-tap (1x1) convs in."""
+        return self.kernel_sizes is not None and any(
+            spec == 1 if isinstance(spec, int) else all(v == 1 for v in spec) for spec in self.kernel_sizes
+        )
+
+    def branches_for(self, kernel_size: tuple[int, ...]) -> tuple[str, ...]:
+        """The branches a block with this kernel has: :data:`POINTWISE_BRANCHES` of ``branches`` for a 1x1 kernel,
+        ``branches`` otherwise."""
+        if all(k == 1 for k in kernel_size):
+            return tuple(b for b in self.branches if b in POINTWISE_BRANCHES)
+        return self.branches
 
     def branch_width(self, in_channels: int, groups: int) -> int:
         """Internal width ``t`` of the 1x1->kxk branch for a conv with these channels and groups."""

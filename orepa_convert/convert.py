@@ -75,7 +75,7 @@ def _record(match: ConvMatch, status: Status, reason: str = "", extra: int = 0) 
 
 def _plan(root: nn.Module, config: OREPAConfig) -> tuple[list[ConvMatch], ConversionReport]:
     trace = trace_model(root)
-    matches = match_convs(root, trace)
+    matches = match_convs(root, trace, pointwise=config.pointwise)
     records = []
     for m in matches:
         if isinstance(m.module, OREPAConv):

@@ -105,8 +105,9 @@ def _call_site(node: fx.Node, traced) -> CallSite:
     return CallSite(consumer=consumer, problem=f"output feeds {consumer}, not a batch norm")
 
 
-def match_convs(model: nn.Module, trace: TraceResult) -> list[ConvMatch]:
-    """Every conv module of ``model`` (in definition order) with its call sites and eligibility."""
+def match_convs(model: nn.Module, trace: TraceResult, *, pointwise: bool = False) -> list[ConvMatch]:
+    """Every conv module of ``model`` (in definition order) with its call sites and eligibility (1x1 convs only
+    with ``pointwise``)."""
     matches: dict[int, ConvMatch] = {}
     for path, module in model.named_modules(remove_duplicate=False):
         if is_conv(module):
@@ -120,13 +121,13 @@ def match_convs(model: nn.Module, trace: TraceResult) -> list[ConvMatch]:
             if match is not None:
                 match.sites.append(_call_site(node, traced))
     for match in matches.values():
-        match.reason = _eligibility_problem(match, trace)
+        match.reason = _eligibility_problem(match, trace, pointwise)
     return list(matches.values())
 
 
-def _eligibility_problem(match: ConvMatch, trace: TraceResult) -> str | None:
+def _eligibility_problem(match: ConvMatch, trace: TraceResult, pointwise: bool) -> str | None:
     if not isinstance(match.module, OREPAConv):
-        reason = unsupported_reason(match.module)
+        reason = unsupported_reason(match.module, pointwise=pointwise)
         if reason is not None:
             return reason
     if not match.sites:

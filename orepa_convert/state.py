@@ -160,7 +160,7 @@ def restore_from_orepa_state(model: Any, state: Any) -> Any:
                 if module.block_config() != config:
                     raise OREPAStateError(f"'{path}' is already an OREPA block with another config; build the model fresh")
                 continue
-            reason = unsupported_reason(module)
+            reason = unsupported_reason(module, pointwise=True)
             if reason is not None:
                 raise OREPAStateError(f"OREPA record names '{path}', a {type(module).__name__} that cannot be converted: {reason}")
             todo.append(path)

@@ -9,13 +9,15 @@ CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 @st.composite
-def conv_configs(draw, max_dims: int = 3):
+def conv_configs(draw, max_dims: int = 3, pointwise: bool = False):
     """A random conv (any dims, kernel, stride, dilation, groups, padding, padding mode, bias)
-    and an input size for it."""
+    and an input size for it; with ``pointwise`` the kernel is 1x1 (single tap)."""
     nd = draw(st.integers(1, max_dims))
     kmax = {1: 5, 2: 4, 3: 3}[nd]
     kernel = tuple(draw(st.integers(1, kmax)) for _ in range(nd))
-    if all(k == 1 for k in kernel):
+    if pointwise:
+        kernel = (1,) * nd
+    elif all(k == 1 for k in kernel):
         kernel = (2,) + kernel[1:]
     groups = draw(st.sampled_from([1, 2, 3]))
     depthwise = draw(st.booleans())

@@ -115,7 +115,7 @@ def test_ultralytics_conv2_is_not_eligible():
     assert report.converted == 0
     reasons = {r.path: r.reason for r in report.records}
     assert reasons["0.conv"] == reasons["1.conv"] == "output feeds an add, not a batch norm"
-    assert reasons["0.cv2"] == "single-tap (1x1) kernel"
+    assert reasons["0.cv2"].startswith("single-tap (1x1) kernel")
 
 
 def test_shared_conv_called_twice_is_converted_once():

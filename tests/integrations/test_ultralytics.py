@@ -294,3 +294,20 @@ def test_fold_checkpoint_cli(trained, tmp_path):
     got = ckpt["model"].state_dict()
     assert all(torch.equal(got[k], v) for k, v in expected.state_dict().items())
     assert main(["fold", str(tmp_path / "missing.pt"), "-o", str(out)]) == 2
+
+
+def test_1x1_blocks_train_and_ride_in_stock_checkpoints(tmp_path):
+    data = make_dataset(tmp_path / "data", "detect", n_train=4, n_val=2)
+    model = YOLO("yolov8n.yaml")
+    _, report = convert_to_orepa(model, kernel_sizes=(1, 3), return_report=True)
+    assert report.converted == 57
+    model.train(data=str(data), epochs=1, project=str(tmp_path / "runs"), name="pw", **TRAIN)
+    best = torch.load(tmp_path / "runs" / "pw" / "weights" / "best.pt", weights_only=False)["model"]
+    assert _blocks(best) == 0 and len(state_paths(carried_state(best)["orepa_state"])) == 57
+    convert_to_orepa(model)
+    pointwise = [m for m in model.model.modules() if isinstance(m, OREPAConv) and m.kernel_size == (1, 1)]
+    assert _blocks(model.model) == 57 and len(pointwise) == 18
+    x = torch.rand(1, 3, 64, 64)
+    before = _outputs(model.model, x)
+    fold_orepa(model)
+    assert rel_err(_outputs(model.model, x), before) <= 1e-5
