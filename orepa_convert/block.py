@@ -246,12 +246,13 @@ class OREPAConv(nn.Module):
                 )
         if config.init == "preserve":
             values = [1.0 if b == "origin" else 0.0 for b in self.branches]
-        else:
+        else:  # "paper", and "scratch" before _match_kernel_norm
             values = [(PAPER_SCALE_INIT_1X1 if num_taps == 1 else PAPER_SCALE_INIT)[b] for b in self.branches]
         scales = torch.tensor(values, dtype=torch.float64).repeat_interleave(out_channels)
         # one 1-D parameter [n * O]; row j of its [n, O] view scales branch j (see scale())
         self.scales = nn.Parameter(scales.to(device=weight.device, dtype=weight.dtype), weight.requires_grad)
         self._plan = kernels.generation_plan(weight.shape, groups, self.branches, expansion, width)
+        target_norm = weight.detach().flatten(1).norm(dim=1).double() if config.init == "scratch" else None
 
         # Take the conv over: its weight is generated from now on, its bias lives here.
         bias = conv._parameters["bias"] if "bias" in conv._parameters else None
@@ -265,7 +266,17 @@ class OREPAConv(nn.Module):
         self.register_buffer("tap_filters", None, persistent=False)
         self.register_buffer("pw_kxk_identity", None, persistent=False)
         self._refresh_constants()
+        if target_norm is not None:
+            self._match_kernel_norm(target_norm)
         self.train(conv.training)
+
+    @torch.no_grad()
+    def _match_kernel_norm(self, target: Tensor) -> None:
+        """``init="scratch"``: rescale each output channel's scales (the kernel is linear in them) so that the
+        generated kernel's channel norms equal ``target`` (the wrapped conv's weight norms)."""
+        norm = self.generate_kernel(torch.float64).flatten(1).norm(dim=1)
+        factor = torch.where(norm > 0, target.to(norm.device) / norm, torch.ones_like(norm))
+        self.scales.copy_((self.scales.view(len(self.branches), -1).double() * factor).flatten().to(self.scales.dtype))
 
     # ------------------------------------------------------------------ conv attributes
     @property

@@ -91,7 +91,7 @@ def _fold(args: argparse.Namespace) -> int:
 
 
 def _add_selection_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--init", choices=["preserve", "paper"], default="preserve")
+    p.add_argument("--init", choices=["preserve", "paper", "scratch"], default="preserve")
     p.add_argument("--include", nargs="+", metavar="GLOB", help="only convert module paths matching a glob")
     p.add_argument("--exclude", nargs="+", metavar="GLOB", help="never convert module paths matching a glob")
     p.add_argument("--kernel-sizes", nargs="+", type=int, metavar="K", help="only convert these square kernel sizes")

@@ -29,7 +29,7 @@ POINTWISE_BRANCHES: tuple[str, ...] = ("origin", "pw_kxk")
 #: Per-branch scale initialisation of the reference ``OREPA_1x1`` ("paper" init of a 1x1 block).
 PAPER_SCALE_INIT_1X1: dict[str, float] = {"origin": 1.0, "pw_kxk": 0.5}
 
-Init = Literal["preserve", "paper"]
+Init = Literal["preserve", "paper", "scratch"]
 ModuleFilter = Callable[[str, nn.Module], bool]
 
 
@@ -59,8 +59,10 @@ class OREPAConfig:
 
     Block construction:
         init: ``"preserve"`` (default) keeps the wrapped conv's function exactly (origin weight = the conv's
-            weight, origin scale 1, every other scale 0); ``"paper"`` uses the paper's initialisation for
-            training from scratch.
+            weight, origin scale 1, every other scale 0); ``"paper"`` is the paper's initialisation, exactly as the
+            reference; ``"scratch"`` is the paper's, with each output channel's scales rescaled so that the
+            generated kernel has the norm of the wrapped conv's (default-initialised) weight: for training from
+            scratch (the paper init's kernels are ~3x larger, which slows training behind a BN; docs/efficacy.md).
         branches: subset of :data:`BRANCHES` to build (default: all six).
         pw_kxk_width: internal width of the 1x1->kxk branch as a multiple of ``in_channels``; ``None``
             follows the paper (1 if ``groups <= 4`` else 2).
@@ -96,8 +98,8 @@ class OREPAConfig:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        if self.init not in ("preserve", "paper"):
-            raise ValueError(f"OREPAConfig.init must be 'preserve' or 'paper', got {self.init!r}")
+        if self.init not in ("preserve", "paper", "scratch"):
+            raise ValueError(f"OREPAConfig.init must be 'preserve', 'paper' or 'scratch', got {self.init!r}")
         branches = _as_tuple(self.branches, "branches")
         unknown = [b for b in branches if b not in BRANCHES]
         if unknown or not branches:

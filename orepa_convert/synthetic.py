@@ -1,6 +1,8 @@
 """Tiny generated datasets on disk for every ultralytics task, so that training runs offline.
 
-Each image holds 1-3 filled rectangles of class-dependent colour on a noisy background; labels are exact.
+:func:`make_dataset`: each image holds 1-3 filled rectangles of class-dependent colour on a noisy background
+(easy: for tests and the demo). :func:`make_detection_benchmark`: four shape classes in random colours, overlaps
+and clutter (harder: for efficacy experiments). Labels are exact.
 """
 
 from __future__ import annotations
@@ -85,6 +87,67 @@ def make_dataset(root: str | Path, task: str = "detect", n_train: int = 8, n_val
     lines += [f"  {k}: {v}" for k, v in NAMES.items()]
     if task == "pose":
         lines += ["kpt_shape: [4, 3]", "flip_idx: [1, 0, 3, 2]"]
+    data = root / "data.yaml"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return data
+
+
+SHAPES = {0: "rectangle", 1: "ellipse", 2: "triangle", 3: "cross"}
+
+
+def _shape_points(kind: str, cx: float, cy: float, w: float, h: float, rng: random.Random) -> list[tuple[float, float]]:
+    if kind == "triangle":
+        up = rng.random() < 0.5
+        y0, y1 = (cy + h / 2, cy - h / 2) if up else (cy - h / 2, cy + h / 2)
+        return [(cx - w / 2, y0), (cx + w / 2, y0), (cx, y1)]
+    if kind == "cross":
+        a, b = w / 6, h / 6
+        return [(cx - a, cy - h / 2), (cx + a, cy - h / 2), (cx + a, cy - b), (cx + w / 2, cy - b), (cx + w / 2, cy + b),
+                (cx + a, cy + b), (cx + a, cy + h / 2), (cx - a, cy + h / 2), (cx - a, cy + b), (cx - w / 2, cy + b),
+                (cx - w / 2, cy - b), (cx - a, cy - b)]
+    return _corners(cx, cy, w, h, 0.0)
+
+
+def make_detection_benchmark(root: str | Path, n_train: int = 240, n_val: int = 80, imgsz: int = 64,
+                             seed: int = 0) -> Path:
+    """A harder detection dataset for efficacy experiments: four shape classes (the class is the shape, the colour
+    is random), 1-5 objects per image at sizes 12-50 % of the image, overlaps allowed, random lines and blobs as
+    clutter on a noisy, tinted background. Returns the data YAML."""
+    from PIL import Image, ImageDraw
+
+    root = Path(root)
+    rng = random.Random(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            tint = tuple(rng.randrange(0, 90) for _ in range(3))
+            img = Image.new("RGB", (imgsz, imgsz))
+            img.putdata([tuple(min(255, c + rng.randrange(0, 50)) for c in tint) for _ in range(imgsz * imgsz)])
+            draw = ImageDraw.Draw(img)
+            for _ in range(rng.randint(2, 6)):  # clutter: thin lines and small blobs
+                colour = tuple(rng.randrange(40, 256) for _ in range(3))
+                if rng.random() < 0.5:
+                    draw.line([tuple(rng.uniform(0, imgsz) for _ in range(2)) for _ in range(2)], fill=colour, width=1)
+                else:
+                    x, y, r = rng.uniform(0, imgsz), rng.uniform(0, imgsz), rng.uniform(1, imgsz * 0.05)
+                    draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+            labels = []
+            for _ in range(rng.randint(1, 5)):
+                cls = rng.randrange(len(SHAPES))
+                w, h = rng.uniform(0.12, 0.5), rng.uniform(0.12, 0.5)
+                cx, cy = rng.uniform(w / 2, 1 - w / 2), rng.uniform(h / 2, 1 - h / 2)
+                colour = tuple(rng.randrange(60, 256) for _ in range(3))
+                pts = [(x * imgsz, y * imgsz) for x, y in _shape_points(SHAPES[cls], cx, cy, w, h, rng)]
+                if SHAPES[cls] == "ellipse":
+                    draw.ellipse([pts[0], pts[2]], fill=colour)
+                else:
+                    draw.polygon(pts, fill=colour)
+                labels.append(f"{cls} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
+            img.save(root / "images" / split / f"{i:05d}.jpg")
+            (root / "labels" / split / f"{i:05d}.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
+    lines = [f"path: {root.resolve()}", "train: images/train", "val: images/val", "names:"]
+    lines += [f"  {k}: {v}" for k, v in SHAPES.items()]
     data = root / "data.yaml"
     data.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return data

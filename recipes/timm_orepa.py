@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--output", default="runs/timm_orepa")
     parser.add_argument("--pretrained-checkpoint", help="a plain timm state_dict to start from (loaded before conversion)")
-    parser.add_argument("--init", choices=["preserve", "paper"], default="preserve")
+    parser.add_argument("--init", choices=["preserve", "paper", "scratch"], default="preserve")
     parser.add_argument("--resume", help="an OREPA checkpoint written by this recipe (last.pth)")
     parser.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 on CUDA)")
     parser.add_argument("--model-ema", action="store_true", help="keep a timm ModelEmaV3 copy; validate and export it")

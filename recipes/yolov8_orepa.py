@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--init", choices=["preserve", "paper"], default="preserve")
+    parser.add_argument("--init", choices=["preserve", "paper", "scratch"], default="preserve")
     parser.add_argument("--optimizer", default="SGD", help="SGD, AdamW, MuSGD, ... (pick explicitly; see docs/yolo.md)")
     parser.add_argument("--project", default="runs/orepa")
     parser.add_argument("--name", default="train")

@@ -32,3 +32,24 @@ def test_quick_cpu_run(tmp_path):
     assert all(train[k] > 0 for k in TRAINING if k.endswith(("_ms", "_mb")))
     assert "| torchvision:mobilenet_v3_small | 2 | 64 |" in md.read_text()
     assert png.stat().st_size > 10_000
+
+
+def test_efficacy_sweep_selects_on_validation_and_reports_int8(tmp_path):
+    from benchmarks import efficacy
+
+    out = tmp_path / "e.json"
+    code = efficacy.main(["--models", "small-resnet", "--variants", "plain,orepa-scratch", "--lrs", "0.1", "0.5",
+                          "--select-seeds", "0", "--seeds", "0", "1", "--epochs", "1", "--n-train", "160",
+                          "--n-val", "40", "--threads", "2", "--json", str(out)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    runs, selection = data["runs"], data["meta"]["selection"]["small-resnet"]
+    assert {"model", "variant", "lr", "seed", "val_acc", "test_acc", "int8_test_acc"} <= set(runs[0])
+    assert len(runs) == 4 and all(r["lr"] == selection[r["variant"]] for r in runs)
+    for variant, lr in selection.items():  # the chosen rate has the best validation accuracy of the sweep
+        swept = {r["lr"]: r["val_acc"] for r in data["selection_runs"] if r["variant"] == variant}
+        assert swept[lr] == max(swept.values())
+    assert all(r["test_acc"] == r["test_acc_folded"] and 0 <= r["int8_test_acc"] <= 1 for r in runs)
+    stats = data["init_statistics"]["small-resnet"]
+    assert set(stats) == {"plain", "orepa-scratch"} and abs(stats["plain"]["norm_ratio"] - 1) < 1e-6
+    assert abs(stats["orepa-scratch"]["norm_ratio"] - 1) < 1e-4  # scratch matches the default-init norms

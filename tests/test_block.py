@@ -125,6 +125,20 @@ def test_paper_init_scales():
     assert block.weight_origin.abs().max() <= bound and block.weight_origin.abs().max() > 0.5 * bound
 
 
+@pytest.mark.parametrize("conv", [nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 16, 1),
+                                  nn.Conv1d(4, 6, 5)])
+def test_scratch_init_is_the_paper_init_at_the_wrapped_convs_channel_norms(conv):
+    target = conv.weight.detach().flatten(1).norm(dim=1)
+    paper = OREPAConv(copy.deepcopy(conv), OREPAConfig(init="paper")).generate_kernel(torch.float64).double().flatten(1)
+    block = OREPAConv(conv, OREPAConfig(init="scratch"))
+    kernel = block.generate_kernel(torch.float64).double().flatten(1)
+    assert torch.allclose(kernel.norm(dim=1), target.double(), rtol=1e-6)
+    # the same direction as the paper's kernel, per output channel: only the scales were rescaled
+    cosine = (kernel * paper).sum(1) / (kernel.norm(dim=1) * paper.norm(dim=1))
+    assert torch.allclose(cosine, torch.ones_like(cosine), atol=1e-9)
+    assert block.block_config().init == "scratch"
+
+
 def test_gradients_reach_every_branch():
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3, padding=1)

@@ -177,9 +177,14 @@ class OREPATrainerMixin:
         super().__init__(cfg, overrides, _callbacks)  # type: ignore[call-arg]
 
     def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
-        """Build the plain model, then load plain weights and convert, or convert as recorded and load OREPA weights."""
-        if weights is None and self._orepa_start is not None and self.args.pretrained is not False:  # type: ignore[attr-defined]
-            weights = self._orepa_start
+        """Build the plain model, then load plain weights and convert, or convert as recorded and load OREPA weights.
+
+        The conversion follows the record of the model training starts from (the OREPA weights, or the in-memory
+        model the user converted, also with ``pretrained=False``, which only drops its weights); without one,
+        every eligible conv is converted with the default config."""
+        start = self._orepa_start
+        if weights is None and start is not None and self.args.pretrained is not False:  # type: ignore[attr-defined]
+            weights = start
         if isinstance(weights, nn.Module) and carried_state(weights) is not None:
             weights = unfold_carried(copy.deepcopy(weights))  # a folded OREPA checkpoint: its trained blocks
         if isinstance(cfg, dict):
@@ -188,9 +193,12 @@ class OREPATrainerMixin:
             model = super().get_model(cfg=cfg, weights=None, verbose=verbose)  # type: ignore[misc]
             restore_from_orepa_state(model, orepa_state(weights))
             _load_orepa_weights(model, weights)
-        else:  # plain weights (or none): convert every eligible conv with the default config
+        else:  # plain weights (or none): convert as the start model was converted, else with the default config
             model = super().get_model(cfg=cfg, weights=weights, verbose=verbose)  # type: ignore[misc]
-            convert_to_orepa(model, OREPAConfig())
+            if has_blocks(start):
+                restore_from_orepa_state(model, orepa_state(start))
+            else:
+                convert_to_orepa(model, OREPAConfig())
         _drop_legacy_record(model)
         return model
 

@@ -311,3 +311,14 @@ def test_1x1_blocks_train_and_ride_in_stock_checkpoints(tmp_path):
     before = _outputs(model.model, x)
     fold_orepa(model)
     assert rel_err(_outputs(model.model, x), before) <= 1e-5
+
+
+def test_pretrained_false_drops_the_start_weights_but_keeps_its_conversion(tmp_path):
+    data = make_dataset(tmp_path / "data", "detect", n_train=4, n_val=2)
+    model = YOLO("yolov8n.yaml")
+    convert_to_orepa(model, init="scratch", branches=("origin", "pw", "dws"))
+    model.train(data=str(data), epochs=1, pretrained=False, project=str(tmp_path / "runs"), name="scratch", **TRAIN)
+    state = carried_state(torch.load(tmp_path / "runs" / "scratch" / "weights" / "last.pt", weights_only=False)["model"])
+    (group,) = state["orepa_state"]["groups"]
+    assert group["config"]["init"] == "scratch" and group["config"]["branches"] == ["origin", "pw", "dws"]
+    assert len(group["paths"]) == 39
