@@ -26,6 +26,15 @@ def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def randomise_block(block: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every parameter of an OREPA block (scales included) non-trivial values, as after some training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * 0.5)
+    return block
+
+
 class SharedConv(nn.Module):
     """One conv module called twice, each call feeding its own BN: eligible, converted once."""
 

@@ -11,25 +11,17 @@ import torch
 from hypothesis import given, settings
 from torch import nn
 
+from models import randomise_block
 from orepa_convert import BRANCHES, OREPAConfig, OREPAConv
 from offline import offline_block, rel_err
 from strategies import conv_configs
-
-
-def _randomise(block: OREPAConv, seed: int = 0) -> OREPAConv:
-    """Give every parameter (scales included) non-trivial values, as after some training."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in block.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * 0.5)
-    return block
 
 
 @settings(deadline=None, max_examples=40)
 @given(conv_configs())
 def test_block_equals_sum_of_branches_and_folds_exactly_float64(cfg):
     conv, size = cfg
-    block = _randomise(OREPAConv(conv.double(), OREPAConfig(init="paper")))
+    block = randomise_block(OREPAConv(conv.double(), OREPAConfig(init="paper")))
     x = torch.randn(2, conv.in_channels, *size, dtype=torch.float64)
     y = block(x)
     assert rel_err(y, offline_block(block, x)) <= 1e-12
@@ -42,7 +34,7 @@ def test_block_equals_sum_of_branches_and_folds_exactly_float64(cfg):
 @given(conv_configs())
 def test_fold_exact_float32(cfg):
     conv, size = cfg
-    block = _randomise(OREPAConv(conv, OREPAConfig(init="paper")), seed=1).eval()
+    block = randomise_block(OREPAConv(conv, OREPAConfig(init="paper")), seed=1).eval()
     x = torch.randn(2, conv.in_channels, *size)
     with torch.no_grad():
         y = block(x)
@@ -70,7 +62,7 @@ def test_conv2d_same_from_timm():
     expected = conv(x)
     block = OREPAConv(conv)
     assert torch.equal(block(x), expected)
-    _randomise(block)
+    randomise_block(block)
     y = block(x)
     assert rel_err(y, offline_block(block, x)) <= 1e-12
     folded = block.fold()
@@ -172,7 +164,7 @@ def test_global_rng_untouched_and_seeded():
 
 
 def test_pickle_deepcopy_state_dict_round_trip():
-    block = _randomise(OREPAConv(nn.Conv2d(4, 6, 3, padding=1, bias=True))).eval()
+    block = randomise_block(OREPAConv(nn.Conv2d(4, 6, 3, padding=1, bias=True))).eval()
     x = torch.randn(1, 4, 7, 7)
     with torch.no_grad():
         y = block(x)  # fills the eval cache, which must not travel
@@ -195,7 +187,7 @@ def test_pickle_deepcopy_state_dict_round_trip():
 @pytest.mark.parametrize("branches", [BRANCHES, ("origin", "prior", "pw_kxk"), ("origin", "pw", "dws")])
 def test_format_1_state_dicts_still_load(branches):
     """Format 1 kept one tensor per tap branch and per scale; its state dicts load into the stacked layout."""
-    block = _randomise(OREPAConv(nn.Conv2d(4, 6, 3, padding=1), OREPAConfig(branches=branches)))
+    block = randomise_block(OREPAConv(nn.Conv2d(4, 6, 3, padding=1), OREPAConfig(branches=branches)))
     v1 = {k: v for k, v in block.state_dict().items() if k not in ("weight_taps", "scales", "_extra_state")}
     taps = [b for b in block.branches if b in ("avg", "prior", "pw")]
     for b in taps:
@@ -243,7 +235,7 @@ def test_half_precision_finite_and_generation_in_float32(dtype):
 
 
 def test_autocast_does_not_change_generation():
-    block = _randomise(OREPAConv(nn.Conv2d(4, 4, 3)))
+    block = randomise_block(OREPAConv(nn.Conv2d(4, 4, 3)))
     exact = block.generate_kernel()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         k = block.generate_kernel()
@@ -253,7 +245,7 @@ def test_autocast_does_not_change_generation():
 
 
 def test_eval_cache_never_stale_and_never_while_recording():
-    block = _randomise(OREPAConv(nn.Conv2d(4, 4, 3))).eval()
+    block = randomise_block(OREPAConv(nn.Conv2d(4, 4, 3))).eval()
     with torch.no_grad():
         k1 = block.weight
         assert block.weight is k1  # served from cache
@@ -265,14 +257,14 @@ def test_eval_cache_never_stale_and_never_while_recording():
     block.to(torch.float64)
     with torch.no_grad():
         assert block.weight.dtype == torch.float64
-    uncached = _randomise(OREPAConv(nn.Conv2d(4, 4, 3), OREPAConfig(eval_cache=False))).eval()
+    uncached = randomise_block(OREPAConv(nn.Conv2d(4, 4, 3), OREPAConfig(eval_cache=False))).eval()
     with torch.no_grad():
         assert uncached.weight is not uncached.weight
 
 
 def test_fold_twice_and_fuse_for_timm_reparameterize():
     conv = nn.Conv2d(4, 4, 3, padding=1, bias=True)
-    block = _randomise(OREPAConv(conv))
+    block = randomise_block(OREPAConv(conv))
     x = torch.randn(1, 4, 6, 6)
     with torch.no_grad():
         y = block(x)
@@ -284,7 +276,7 @@ def test_fold_twice_and_fuse_for_timm_reparameterize():
     assert set(dict(conv.named_parameters())) == {"weight", "bias"}
     timm_utils = pytest.importorskip("timm.utils")
     model = nn.Sequential(OREPAConv(nn.Conv2d(4, 4, 3, padding=1)), nn.ReLU())
-    _randomise(model[0])
+    randomise_block(model[0])
     with torch.no_grad():
         y = model(x)
     model = timm_utils.reparameterize_model(model)
@@ -323,7 +315,7 @@ def test_parametrized_weight_rejected():
 @pytest.mark.parametrize("branches", [("avg",), ("prior",), ("pw_kxk",), ("pw",), ("dws",), ("avg", "dws"), ("origin", "prior")])
 def test_branch_subsets_match_feature_maps_and_fold(branches):
     conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=True).double()
-    block = _randomise(OREPAConv(conv, OREPAConfig(init="paper", branches=branches)))
+    block = randomise_block(OREPAConv(conv, OREPAConfig(init="paper", branches=branches)))
     assert block.branches == branches
     x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
     y = block(x)

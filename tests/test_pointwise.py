@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from torch import nn
 
+from models import randomise_block
 from offline import offline_block, rel_err
 from orepa_convert import OREPAConfig, OREPAConv, convert_to_orepa, fold_orepa, inspect_model, orepa_state
 from orepa_convert.cli import main
@@ -17,14 +18,6 @@ from orepa_convert.state import restore_from_orepa_state
 from strategies import conv_configs
 
 POINTWISE = OREPAConfig(init="paper", kernel_sizes=(1, 3))
-
-
-def _randomise(block: OREPAConv, seed: int = 0) -> OREPAConv:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in block.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * 0.5)
-    return block
 
 
 def _chain_oracle(block: OREPAConv, x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +41,7 @@ def _chain_oracle(block: OREPAConv, x: torch.Tensor) -> torch.Tensor:
 @given(conv_configs(pointwise=True))
 def test_pointwise_block_equals_its_branches_and_folds_exactly_float64(cfg):
     conv, size = cfg
-    block = _randomise(OREPAConv(conv.double(), POINTWISE))
+    block = randomise_block(OREPAConv(conv.double(), POINTWISE))
     assert block.branches == ("origin", "pw_kxk")
     x = torch.randn(2, conv.in_channels, *size, dtype=torch.float64)
     y = block(x)
