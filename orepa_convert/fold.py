@@ -11,7 +11,7 @@ from torch import nn
 
 from . import ahead, kernels
 from .block import OREPAConv
-from .surgery import CARRIED_ATTR, replace_at, unwrap_model
+from .surgery import CARRIED_ATTR, block_paths, replace_at, unwrap_model
 from .integrations import call_hook
 from .patterns import ConvMatch, match_convs
 from .report import FoldRecord, FoldReport
@@ -75,7 +75,7 @@ def fold_orepa(model: Any, fuse_bn: bool = False, *, return_report: bool = False
     root = unwrap_model(model)
     report = FoldReport(fuse_bn=fuse_bn)
     blocks = [m for m in match_convs(root, trace_model(root)) if isinstance(m.module, OREPAConv)] if fuse_bn else [
-        ConvMatch(b, paths) for b, paths in _blocks(root).items()
+        ConvMatch(b, paths) for b, paths in block_paths(root).items()
     ]
     if not blocks and CARRIED_ATTR in root.__dict__:
         logger.info("fold_orepa: %s is already folded (it carries its OREPA training state)", type(root).__name__)
@@ -112,11 +112,3 @@ def fold_orepa(model: Any, fuse_bn: bool = False, *, return_report: bool = False
     logger.info("%s\n%s", report.summary(), report.table() if report.records else "")
     return (model, report) if return_report else model
 
-
-def _blocks(root: nn.Module) -> dict[OREPAConv, list[str]]:
-    """Every OREPA block with every path it is registered at."""
-    found: dict[OREPAConv, list[str]] = {}
-    for path, module in root.named_modules(remove_duplicate=False):
-        if isinstance(module, OREPAConv):
-            found.setdefault(module, []).append(path)
-    return found

@@ -32,7 +32,7 @@ from . import ahead
 from .block import OREPAConv, unsupported_reason
 from .config import BRANCHES, OREPAConfig
 from .fold import fold_orepa
-from .surgery import CARRIED_ATTR, convert_paths, unwrap_model
+from .surgery import CARRIED_ATTR, block_paths, convert_paths, unwrap_model
 from .integrations import call_hook
 
 FORMAT = 2
@@ -69,19 +69,9 @@ def config_from_dict(data: Mapping[str, Any]) -> OREPAConfig:
         raise OREPAStateError(f"invalid config in OREPA record: {exc}") from exc
 
 
-def _root(model: Any) -> nn.Module:
-    return unwrap_model(model)
-
-
 def blocks_by_path(root: nn.Module) -> dict[str, OREPAConv]:
     """Every OREPA block of ``root`` at its first path (definition order)."""
-    found: dict[str, OREPAConv] = {}
-    seen: set[int] = set()
-    for path, module in root.named_modules(remove_duplicate=False):
-        if isinstance(module, OREPAConv) and id(module) not in seen:
-            seen.add(id(module))
-            found[path] = module
-    return found
+    return {paths[0]: block for block, paths in block_paths(root).items()}
 
 
 def make_state(groups: Mapping[OREPAConfig, list[str]]) -> dict[str, Any]:
@@ -99,7 +89,7 @@ def orepa_state(model: Any) -> dict[str, Any]:
     A model without blocks gives a record with no groups.
     """
     groups: dict[OREPAConfig, list[str]] = {}
-    for path, block in blocks_by_path(_root(model)).items():
+    for path, block in blocks_by_path(unwrap_model(model)).items():
         groups.setdefault(block.block_config(), []).append(path)
     return make_state(groups)
 
@@ -144,7 +134,7 @@ def restore_from_orepa_state(model: Any, state: Any) -> Any:
         OREPAStateError: the record is unreadable, or a path is missing, is not a supported conv, or holds a
             block with another config (the model is not the one the record was made on).
     """
-    root = _root(model)
+    root = unwrap_model(model)
     plan: list[tuple[OREPAConfig, list[str]]] = []
     for config, paths in read_state(state):
         todo = []
@@ -175,7 +165,7 @@ def restore_from_orepa_state(model: Any, state: Any) -> Any:
 
 def block_state_dict(model: Any) -> dict[str, torch.Tensor]:
     """The state_dict entries that belong to OREPA blocks (branch weights, scales, biases, layouts)."""
-    root = _root(model)
+    root = unwrap_model(model)
     prefixes = tuple(f"{p}." for p in blocks_by_path(root))
     return {k: v for k, v in root.state_dict().items() if k.startswith(prefixes)}
 
@@ -185,7 +175,7 @@ def fold_carrying_state(model: Any, dtype: torch.dtype | None = None) -> nn.Modu
     that carries its OREPA training state as a plain-dict attribute (record plus block tensors): pickling it
     needs no ``orepa_convert``; :func:`unfold_carried` (and ``convert_to_orepa``) bring the OREPA model back.
     ``dtype`` stores the floating block tensors in that dtype (e.g. ``torch.half``, as ultralytics stores models)."""
-    root = _root(model)
+    root = unwrap_model(model)
     blocks = {
         k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()).clone()
         for k, v in block_state_dict(root).items()
@@ -227,7 +217,7 @@ def save(model: Any, f: FileLike, **extra: Any) -> None:
 
     The file loads with ``torch.load(f, weights_only=True)``; :func:`restore` reads it back.
     """
-    root = _root(model)
+    root = unwrap_model(model)
     folded = copy.deepcopy(root)
     fold_orepa(folded)
     torch.save({STATE_KEY: orepa_state(root), "orepa_model": root.state_dict(), "state_dict": folded.state_dict(), **extra}, f)
@@ -240,7 +230,7 @@ def restore(model: Any, f: FileLike | Mapping[str, Any], *, strict: bool = True)
     if STATE_KEY not in ckpt or "orepa_model" not in ckpt:
         raise OREPAStateError(f"not an orepa_convert checkpoint: expected keys '{STATE_KEY}' and 'orepa_model'")
     restore_from_orepa_state(model, ckpt[STATE_KEY])
-    _root(model).load_state_dict(ckpt["orepa_model"], strict=strict)
+    unwrap_model(model).load_state_dict(ckpt["orepa_model"], strict=strict)
     return model
 
 
@@ -248,7 +238,7 @@ def load_state_dict(model: Any, state_dict: Mapping[str, Any], strict: bool = Tr
     """``model.load_state_dict`` that says what to do when OREPA and plain weights meet: an OREPA state_dict
     into a model without blocks raises :class:`OREPAStateError` naming the fix (fold first, or restore the
     structure); everything else is torch's ``load_state_dict``. Returns its result."""
-    root = _root(model)
+    root = unwrap_model(model)
     has_blocks = any(isinstance(m, OREPAConv) for m in root.modules())
     if not has_blocks and is_orepa_state_dict(state_dict):
         paths = list(_layout_prefixes(state_dict))
@@ -284,7 +274,7 @@ def state_from_layout(model: Any, state_dict: Mapping[str, Any], *, seed: int = 
     and ``init`` only affect random initial values, which loading the state_dict overwrites."""
     from .block import _V1_BRANCHES, FORMAT_VERSION
 
-    root = _root(model)
+    root = unwrap_model(model)
     groups: dict[OREPAConfig, list[str]] = {}
     for path, saved in _layout_prefixes(state_dict).items():
         if len(saved) < 4 or saved[0] not in (1, FORMAT_VERSION):

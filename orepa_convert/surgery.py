@@ -74,6 +74,15 @@ def convert_conv(root: nn.Module, conv: nn.Module, paths: list[str], config: ORE
     return sum(p.numel() for p in block.parameters()) - before
 
 
+def block_paths(root: nn.Module) -> dict[OREPAConv, list[str]]:
+    """Every OREPA block of ``root`` with every path it is registered at (definition order)."""
+    found: dict[OREPAConv, list[str]] = {}
+    for path, module in root.named_modules(remove_duplicate=False):
+        if isinstance(module, OREPAConv):
+            found.setdefault(module, []).append(path)
+    return found
+
+
 def convert_paths(root: nn.Module, paths: list[str], config: OREPAConfig) -> None:
     """Convert the convs at exactly these ``paths`` of ``root`` (no tracing, no selection; a conv registered at
     several paths is replaced at all of them). Used to rebuild a recorded conversion (:mod:`.state`)."""
