@@ -133,10 +133,9 @@ def convert_to_orepa(
             stacklevel=2,
         )
     if carried_state(root) is not None:  # a folded checkpoint model that carries its OREPA training state
-        unfold_carried(root)
+        unfold_carried(root)  # restores the blocks and attaches the generation hooks
         _, report = _plan(root, config)
-        ahead.attach(root)
-        call_hook("after_convert", model, root)
+        call_hook("after_convert", model, root)  # for the wrapper too (e.g. a YOLO object's trainer router)
         logger.info("OREPA: restored the %d trained blocks the folded model carried", report.already_converted)
         return (model, report) if return_report else model
     matches, report = _plan(root, config)
