@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -424,6 +425,8 @@ class OREPAConv(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return self._fx_opaque_call(x)
         kernel = self._kernel()
         conv = self._conv
         if type(conv) in _PLAIN_CONVS and not (conv._forward_hooks or conv._forward_pre_hooks):
@@ -431,6 +434,15 @@ class OREPAConv(nn.Module):
         # Any other supported class (run-time 'same' padding) or a conv with hooks: call it as itself.
         tensors = {"weight": kernel} if self.bias is None else {"weight": kernel, "bias": self.bias}
         return functional_call(conv, tensors, (x,))
+
+    def _fx_opaque_call(self, x: torch.fx.Proxy) -> torch.fx.Proxy:
+        """Under ``torch.fx`` symbolic tracing (``symbolic_trace``, torchvision's ``create_feature_extractor``,
+        timm's fx features, FX quantization), record this block as one opaque ``call_module`` node, whatever the
+        tracer's leaf rules: the GraphModule then holds the block itself, so its parameters stay trainable (they
+        are shared with the traced model) and its generation runs as in eager mode. Tracing through it instead
+        would bake the kernel generated from the current values into the graph as a constant."""
+        tracer = x.tracer
+        return tracer.create_proxy("call_module", tracer.path_of_module(self), (x,), {})
 
     # ------------------------------------------------------------------ deployment
     @torch.no_grad()
