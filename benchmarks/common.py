@@ -90,3 +90,27 @@ def cpu_name() -> str:
     except OSError:
         pass
     return "unknown"
+
+
+def yolo_study_train_args(batch: int) -> dict[str, Any]:
+    """Ultralytics options of the efficacy studies on generated data (CPU): SGD with an optimizer step every batch
+    (nbs = batch), no warm-up, no mosaic, no AMP, single-process data loading."""
+    return {"batch": batch, "nbs": batch, "warmup_epochs": 0, "mosaic": 0.0, "optimizer": "SGD", "device": "cpu",
+            "workers": 0, "amp": False}
+
+
+def export_study(result: dict[str, Any], path: "os.PathLike[str]", dataset: dict[str, Any]) -> None:
+    """Write a comparison's runs as a study file: ``{"meta", "chosen_lr", "summary", "runs": [{"variant", "lr",
+    "seed", "split", "map50_95", ...}]}`` (``split`` "val" for every run, also the selection runs; "test" for the
+    reported ones)."""
+    from datetime import date
+    from pathlib import Path
+
+    meta = {"date": date.today().isoformat(), "device": "cpu", "torch": torch.__version__, "cpu": cpu_name(),
+            "settings": result["settings"], "reported_split": result["reported_split"], **dataset}
+    runs = [{k: r[k] for k in ("variant", "lr", "seed", "split", "epochs", result["metric"], "wall_seconds", "peak_memory_mb")}
+            for r in result["runs"]]
+    out = {"meta": meta, "chosen_lr": result["chosen_lr"], "summary": result["summary"], "runs": runs}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+

@@ -1,4 +1,4 @@
-"""Command-line interface: ``orepa-convert inspect MODEL`` and ``orepa-convert fold CHECKPOINT -o OUT``."""
+"""Command-line interface: ``orepa-convert inspect MODEL``, ``fold CHECKPOINT -o OUT`` and ``compare MODEL --data DATA``."""
 
 from __future__ import annotations
 
@@ -90,6 +90,54 @@ def _fold(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_arg(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE read as a Python literal where it is one (``0.9``, ``True``), else a string."""
+    import ast
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    lowered = {"true": True, "false": False, "none": None}
+    if value.lower() in lowered:
+        return key, lowered[value.lower()]
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import CompareSettings, run_all
+
+    if args.timm:
+        if args.model or args.data:
+            raise ValueError("give either MODEL --data DATA (ultralytics) or --timm NAME --data-dir DIR, not both")
+        if not args.data_dir:
+            raise ValueError("--timm needs --data-dir DIR (an ImageFolder with train/ and val/, optionally test/)")
+        backend, model, data = "timm", args.timm, args.data_dir
+    else:
+        if not args.model or not args.data:
+            raise ValueError("give MODEL and --data DATA.yaml (ultralytics), or --timm NAME --data-dir DIR")
+        backend, model, data = "ultralytics", args.model, args.data
+    train_args = dict(args.train_arg or ())
+    for key in ("batch", "device", "workers"):
+        if getattr(args, key) is not None:
+            train_args[key] = getattr(args, key)
+    settings = CompareSettings(
+        backend=backend, model=model, data=str(data), project=str(args.project), variants=tuple(args.variants),
+        seeds=tuple(args.seeds), epochs=args.epochs, imgsz=args.imgsz, lrs=tuple(args.lr0 or ()),
+        select_seeds=tuple(args.select_seeds or ()), budget=args.budget, train_args=train_args,
+    )
+    if len(settings.seeds) == 1:
+        print("orepa-convert compare: one seed gives no confidence interval; the verdict will say so "
+              "(use e.g. --seeds 0 1 2)", file=sys.stderr)
+    data = run_all(settings, progress=not args.no_progress)
+    project = Path(args.project)
+    print((project / "compare.md").read_text(encoding="utf-8"))
+    print(f"wrote {project / 'compare.json'}, {project / 'compare.md'}, {project / 'compare.png'}")
+    return 0
+
+
 def _add_selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", choices=["preserve", "paper", "scratch"], default="preserve")
     p.add_argument("--include", nargs="+", metavar="GLOB", help="only convert module paths matching a glob")
@@ -137,6 +185,41 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--num-classes", type=int, help="number of classes of that architecture (timm/torchvision)")
     f.add_argument("--fuse-bn", action="store_true", help="also fold each block's batch norm (modules and state_dicts)")
     f.set_defaults(func=_fold)
+    c = sub.add_parser(
+        "compare",
+        help="paired plain-vs-OREPA training runs on your data: does OREPA pay off, and at what cost?",
+        description="Train every variant (plain and OREPA inits) on every seed from the same start weights and data "
+        "order, optionally select each variant's learning rate on the validation split, evaluate on the test split "
+        "when the dataset has one, and write compare.json (every run), compare.md (mean ± std, paired difference to "
+        "plain with a 95%% interval, seeds better, time and memory ratios, a verdict) and compare.png to --project. "
+        "Each run is its own process; runs already in compare.json are not run again (resume by rerunning). "
+        "ultralytics: MODEL --data DATA.yaml (MODEL a .pt to fine-tune, or a YAML to train from scratch); "
+        "timm: --timm NAME --data-dir DIR (ImageFolder train/ val/ [test/]).",
+    )
+    c.add_argument("model", nargs="?", help="ultralytics model: yolov8n.pt (fine-tune its weights) or yolov8n.yaml")
+    c.add_argument("--data", help="ultralytics dataset YAML (a 'test:' entry is used for the reported metric)")
+    c.add_argument("--timm", metavar="NAME", help="compare a timm model instead (built with random weights; "
+                   "start from plain weights with --train-arg pretrained_checkpoint=PATH)")
+    c.add_argument("--data-dir", help="timm: ImageFolder dataset with train/ and val/ (and optionally test/)")
+    c.add_argument("--variants", nargs="+", default=["plain", "preserve"], metavar="V",
+                   help="plain and OREPA inits (preserve, paper, scratch); default: plain preserve")
+    c.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="S", help="paired seeds (default 0 1 2)")
+    c.add_argument("--epochs", type=int, default=10)
+    c.add_argument("--imgsz", type=int, help="image size (ultralytics imgsz, timm --img-size)")
+    c.add_argument("--lr0", nargs="+", type=float, metavar="LR",
+                   help="learning rate(s); several: each variant picks its own on the validation split")
+    c.add_argument("--select-seeds", nargs="+", type=int, metavar="S",
+                   help="seeds of the learning-rate selection runs (default: the first of --seeds)")
+    c.add_argument("--budget", choices=["epochs", "time"], default="epochs",
+                   help="equal epochs (default), or equal wall time: plain gets the epochs that match OREPA's measured time")
+    c.add_argument("--project", type=Path, default=Path("runs/compare"), help="output folder (resumes if it has compare.json)")
+    c.add_argument("--batch", type=int, help="batch size (passed to the trainer)")
+    c.add_argument("--device", help="device, e.g. 0, cpu, cuda (passed to the trainer)")
+    c.add_argument("--workers", type=int, help="data loader workers (passed to the trainer)")
+    c.add_argument("--train-arg", nargs="+", type=_train_arg, metavar="KEY=VALUE",
+                   help="more trainer options, e.g. optimizer=SGD momentum=0.9 (ultralytics) or opt=adamw (timm)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.set_defaults(func=_compare)
     return parser
 
 
@@ -146,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:  # includes CompareError
         print(f"orepa-convert: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `orepa-convert inspect MODEL | head`: the reader left, nothing more to say

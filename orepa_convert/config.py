@@ -30,6 +30,8 @@ POINTWISE_BRANCHES: tuple[str, ...] = ("origin", "pw_kxk")
 PAPER_SCALE_INIT_1X1: dict[str, float] = {"origin": 1.0, "pw_kxk": 0.5}
 
 Init = Literal["preserve", "paper", "scratch"]
+#: The initialisations an OREPA block offers (see :class:`OREPAConfig`).
+INITS: tuple[str, ...] = ("preserve", "paper", "scratch")
 ModuleFilter = Callable[[str, nn.Module], bool]
 
 
@@ -98,7 +100,7 @@ class OREPAConfig:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        if self.init not in ("preserve", "paper", "scratch"):
+        if self.init not in INITS:
             raise ValueError(f"OREPAConfig.init must be 'preserve', 'paper' or 'scratch', got {self.init!r}")
         branches = _as_tuple(self.branches, "branches")
         unknown = [b for b in branches if b not in BRANCHES]

@@ -219,7 +219,8 @@ def save(model: Any, f: FileLike, **extra: Any) -> None:
     """
     root = unwrap_model(model)
     folded = copy.deepcopy(root)
-    fold_orepa(folded)
+    if block_paths(folded):
+        fold_orepa(folded)
     torch.save({STATE_KEY: orepa_state(root), "orepa_model": root.state_dict(), "state_dict": folded.state_dict(), **extra}, f)
 
 

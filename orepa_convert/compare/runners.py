@@ -1,0 +1,159 @@
+"""One comparison run per framework: train one variant at one learning rate and seed, evaluate it, measure it.
+
+Called in the worker process (:mod:`.worker`); each function returns one record per evaluated split.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: ultralytics results_dict key of the metric a comparison reports, by task
+_ULTRALYTICS_METRICS = {
+    "detect": ("map50_95", "metrics/mAP50-95(B)"),
+    "obb": ("map50_95", "metrics/mAP50-95(B)"),
+    "segment": ("mask_map50_95", "metrics/mAP50-95(M)"),
+    "pose": ("pose_map50_95", "metrics/mAP50-95(P)"),
+    "classify": ("top1", "metrics/accuracy_top1"),
+}
+
+
+def _ultralytics_task(model: str) -> str:
+    stem = Path(model).stem.lower()
+    for task, suffix in (("segment", "-seg"), ("pose", "-pose"), ("obb", "-obb"), ("classify", "-cls")):
+        if stem.endswith(suffix):
+            return task
+    return "detect"
+
+
+def ultralytics_metric_name(model: str) -> str:
+    """The name a comparison gives the reported metric of an ultralytics model (by its file name's task suffix)."""
+    return _ULTRALYTICS_METRICS[_ultralytics_task(model)][0]
+
+
+def _snake(key: str) -> str:
+    """``metrics/mAP50-95(B)`` -> ``map50_95_b``."""
+    key = key.removeprefix("metrics/").replace("-", "_")
+    key = re.sub(r"\((\w)\)$", r"_\1", key)
+    return re.sub(r"[^0-9a-zA-Z_]", "_", key).lower()
+
+
+class PeakMemory:
+    """Peak memory of the training: CUDA's allocator peak on a CUDA device, else this process's peak resident
+    set (reset at the start on Linux, through /proc/self/clear_refs; unknown elsewhere)."""
+
+    def __init__(self, device: str | None) -> None:
+        self.cuda = torch.cuda.is_available() and str(device or "").lower() not in ("cpu", "mps")
+        self.kind = "cuda_allocated" if self.cuda else "rss"
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
+        except OSError:
+            self.kind = "unknown"
+
+    def peak_mb(self) -> float | None:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2**20
+        if self.kind != "rss":
+            return None
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return None
+
+
+def run_ultralytics(settings: dict[str, Any], job: dict[str, Any], run_dir: Path, has_test: bool) -> list[dict[str, Any]]:
+    """Train ``job`` with the ultralytics trainer; evaluate ``best.pt`` (folded) on val and, if any, test."""
+    from ultralytics import YOLO
+
+    from ..convert import convert_to_orepa
+
+    seed, variant = job["seed"], job["variant"]
+    torch.manual_seed(seed)
+    model = YOLO(settings["model"])
+    if variant != "plain":
+        convert_to_orepa(model, init=variant, seed=seed)
+    args: dict[str, Any] = {"plots": False, "verbose": False, **settings["train_args"]}
+    args.update(data=settings["data"], epochs=job["epochs"], seed=seed, deterministic=True, project=str(run_dir),
+                name="train", exist_ok=True)
+    if settings.get("imgsz"):
+        args["imgsz"] = settings["imgsz"]
+    if job["lr"] is not None:
+        args["lr0"] = job["lr"]
+    if Path(settings["model"]).suffix != ".pt":
+        args.setdefault("pretrained", False)  # a YAML: the trainer builds the start weights under the run's seed
+    memory = PeakMemory(args.get("device"))
+    memory.start()
+    start = time.perf_counter()
+    metrics = model.train(**args)
+    wall = time.perf_counter() - start
+    peak = memory.peak_mb()
+    name, key = _ULTRALYTICS_METRICS[_ultralytics_task(settings["model"])]
+    evaluated = {"val": metrics.results_dict}
+    if has_test:
+        val_args = {k: args[k] for k in ("imgsz", "batch", "device", "workers", "half") if k in args}
+        evaluated["test"] = model.val(data=settings["data"], split="test", plots=False, verbose=False,
+                                      project=str(run_dir), name="test", exist_ok=True, **val_args).results_dict
+    return [
+        {"variant": variant, "lr": job["lr"], "seed": seed, "split": split, "epochs": job["epochs"], name: float(values[key]),
+         "metrics": {_snake(k): float(v) for k, v in values.items()}, "wall_seconds": wall, "peak_memory_mb": peak,
+         "memory_kind": memory.kind}
+        for split, values in evaluated.items()
+    ]
+
+
+#: compare options -> flags of :mod:`orepa_convert.timm_train`
+_TIMM_FLAGS = {"batch": "--batch-size", "imgsz": "--img-size"}
+
+
+def timm_recipe_args(settings: dict[str, Any], job: dict[str, Any], output: Path) -> list[str]:
+    """The :mod:`orepa_convert.timm_train` command line of one comparison run."""
+    argv = ["--model", settings["model"], "--data-dir", settings["data"], "--epochs", str(job["epochs"]),
+            "--seed", str(job["seed"]), "--output", str(output)]
+    argv += ["--plain"] if job["variant"] == "plain" else ["--init", job["variant"]]
+    if job["lr"] is not None:
+        argv += ["--lr", repr(job["lr"])]
+    if settings.get("imgsz"):
+        argv += ["--img-size", str(settings["imgsz"])]
+    for key, value in settings["train_args"].items():
+        flag = _TIMM_FLAGS.get(key, "--" + key.replace("_", "-"))
+        if value is True:
+            argv.append(flag)
+        elif value not in (False, None):
+            argv += [flag, str(value)]
+    return argv
+
+
+def run_timm(settings: dict[str, Any], job: dict[str, Any], run_dir: Path, has_test: bool) -> list[dict[str, Any]]:
+    """Train ``job`` with the timm recipe (:mod:`orepa_convert.timm_train`); top-1 of the folded model on val and,
+    if the dataset has one, test. The time is the recipe's training epochs (each with its validation)."""
+    import json
+
+    from .. import timm_train
+
+    output = run_dir / "train"
+    memory = PeakMemory(settings["train_args"].get("device"))
+    memory.start()
+    code = timm_train.main(timm_recipe_args(settings, job, output))
+    peak = memory.peak_mb()
+    summary = json.loads((output / "summary.json").read_text(encoding="utf-8"))
+    if code != 0:
+        raise RuntimeError(f"the timm recipe failed its checks (exit {code}): {summary}")
+    wall = sum(h["seconds"] for h in summary["history"])
+    evaluated = {"val": summary["val_acc_folded"]}
+    if has_test:
+        evaluated["test"] = summary["test_acc"]
+    return [
+        {"variant": job["variant"], "lr": job["lr"], "seed": job["seed"], "split": split, "epochs": job["epochs"],
+         "top1": float(value), "metrics": {"top1": float(value)}, "wall_seconds": wall, "peak_memory_mb": peak,
+         "memory_kind": memory.kind}
+        for split, value in evaluated.items()
+    ]

@@ -1,0 +1,172 @@
+"""`orepa-convert compare`: paired runs with the real trainers on tiny generated data, the statistics, resume,
+learning-rate selection, the time budget and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from orepa_convert import cli
+from orepa_convert.compare import CompareError, CompareSettings, Job, run_compare, t_quantile_975
+from orepa_convert.compare.stats import Paired
+
+
+def test_t_quantiles_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for df in list(range(1, 61)) + [100, 1000]:
+        assert t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-4), df
+    with pytest.raises(ValueError, match="degrees of freedom"):
+        t_quantile_975(0)
+
+
+def test_paired_interval_is_the_t_interval_of_the_differences():
+    p = Paired([0, 1, 2, 3], [0.02, -0.01, 0.03, 0.01])
+    half = 3.18244631 * statistics.stdev(p.deltas) / 2
+    assert p.mean == pytest.approx(0.0125) and p.better == 3
+    assert p.interval == pytest.approx((0.0125 - half, 0.0125 + half))
+    assert Paired([0], [0.1]).interval is None
+
+
+def _check_outputs(project, settings_seeds, metric):
+    data = json.loads((project / "compare.json").read_text())
+    md = (project / "compare.md").read_text()
+    assert (project / "compare.png").stat().st_size > 1000
+    runs = [r for r in data["runs"] if r["split"] == data["reported_split"]]
+    plain = {r["seed"]: r[metric] for r in runs if r["variant"] == "plain"}
+    orepa = {r["seed"]: r[metric] for r in runs if r["variant"] == "preserve"}
+    assert sorted(plain) == sorted(orepa) == sorted(settings_seeds)
+    deltas = [orepa[s] - plain[s] for s in sorted(plain)]
+    row = next(r for r in data["summary"] if r["variant"] == "preserve")
+    assert row["deltas"] == pytest.approx(deltas)
+    assert row["mean_delta"] == pytest.approx(statistics.fmean(deltas))
+    if len(deltas) > 1:
+        stats = pytest.importorskip("scipy.stats")
+        sd = statistics.stdev(deltas)
+        half = stats.t.ppf(0.975, len(deltas) - 1) * sd / math.sqrt(len(deltas))
+        assert row["ci95"] == pytest.approx([statistics.fmean(deltas) - half, statistics.fmean(deltas) + half], abs=1e-6)
+    plain_time = statistics.fmean(r["wall_seconds"] for r in runs if r["variant"] == "plain")
+    orepa_time = statistics.fmean(r["wall_seconds"] for r in runs if r["variant"] == "preserve")
+    assert row["time_ratio"] == pytest.approx(orepa_time / plain_time)
+    assert all(r["wall_seconds"] > 0 and r["epochs"] == 1 for r in data["runs"])
+    assert "## Verdict" in md and "95% CI" in md and "| preserve |" in md
+    return data
+
+
+@pytest.fixture(scope="module")
+def detect_data(tmp_path_factory):
+    from orepa_convert.synthetic import make_detection_benchmark
+
+    return make_detection_benchmark(tmp_path_factory.mktemp("cmp"), n_train=8, n_val=4, imgsz=64, n_test=4)
+
+
+def test_ultralytics_compare_writes_everything_and_resumes(detect_data, tmp_path, capsys):
+    pytest.importorskip("ultralytics")
+    project = tmp_path / "cmp"
+    argv = ["compare", "yolov8n.yaml", "--data", str(detect_data), "--epochs", "1", "--imgsz", "64", "--seeds", "0", "1",
+            "--batch", "4", "--device", "cpu", "--workers", "0", "--project", str(project), "--no-progress"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    data = _check_outputs(project, [0, 1], "map50_95")
+    assert data["reported_split"] == "test" and "on the **test** split" in out
+    assert {r["split"] for r in data["runs"]} == {"val", "test"}
+    assert all(r["peak_memory_mb"] is None or r["peak_memory_mb"] > 100 for r in data["runs"])
+    # the OREPA runs really trained OREPA blocks: their checkpoints carry the record; plain ones do not
+    import torch
+
+    for name, blocks in (("preserve-lrdefault-s0-e1", 39), ("plain-lrdefault-s0-e1", 0)):
+        ckpt = torch.load(project / "runs" / name / "train" / "weights" / "last.pt", weights_only=False)
+        carried = (ckpt.get("ema") or ckpt["model"]).__dict__.get("orepa_training_state")
+        assert (len(carried["orepa_state"]["groups"][0]["paths"]) if carried else 0) == blocks
+
+    # resume: every run is in compare.json, so nothing runs again and the outputs are the same
+    def no_runs(*_):
+        raise AssertionError("a finished run ran again")
+
+    settings = CompareSettings(backend="ultralytics", model="yolov8n.yaml", data=str(detect_data), project=str(project),
+                               seeds=(0, 1), epochs=1, imgsz=64, train_args={"batch": 4, "device": "cpu", "workers": 0})
+    again = run_compare(settings, runner=no_runs, has_test=True, progress=False)
+    assert again["runs"] == data["runs"] and again["summary"] == data["summary"]
+
+
+def test_timm_compare_on_an_image_folder_without_test_split(tmp_path, capsys):
+    pytest.importorskip("timm")
+    from orepa_convert.synthetic import make_dataset
+
+    folder = make_dataset(tmp_path / "imgs", "classify", n_train=8, n_val=4, imgsz=32)
+    project = tmp_path / "cmp"
+    code = cli.main(["compare", "--timm", "resnet10t", "--data-dir", str(folder), "--epochs", "1", "--imgsz", "32",
+                     "--seeds", "0", "--batch", "4", "--device", "cpu", "--project", str(project), "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "one seed gives no confidence interval" in captured.err
+    data = _check_outputs(project, [0], "top1")
+    assert data["reported_split"] == "val" and "the dataset has no test split" in captured.out
+    assert "cannot give an interval" in captured.out
+
+
+def _fake_runner(calls: list[Job]):
+    """Deterministic records for planning tests: val metric peaks at lr 0.02 for plain and 0.01 for preserve; OREPA
+    takes twice as long per epoch."""
+    best = {"plain": 0.02, "preserve": 0.01}
+
+    def run(settings, job, run_dir):
+        calls.append(job)
+        value = 0.5 - abs(job.lr - best[job.variant]) + 0.001 * job.seed + 0.0001 * job.epochs
+        seconds = job.epochs * (2.0 if job.variant != "plain" else 1.0)
+        return [{"variant": job.variant, "lr": job.lr, "seed": job.seed, "split": split, "epochs": job.epochs,
+                 "map50_95": value + (0.01 if split == "test" else 0.0), "wall_seconds": seconds, "peak_memory_mb": 100.0}
+                for split in ("val", "test")]
+
+    return run
+
+
+def test_learning_rate_selection_and_time_budget_plan(tmp_path):
+    calls: list[Job] = []
+    settings = CompareSettings(backend="ultralytics", model="m.yaml", data="d.yaml", project=str(tmp_path), seeds=(0, 1, 2),
+                               epochs=4, lrs=(0.01, 0.02, 0.04), select_seeds=(0,), budget="time")
+    data = run_compare(settings, runner=_fake_runner(calls), has_test=True, progress=False)
+    assert data["epochs_of"] == {"plain": 8, "preserve": 4}  # plain gets the epochs of OREPA's measured time
+    assert data["chosen_lr"] == {"plain": 0.02, "preserve": 0.01}
+    selection = [(j.variant, j.lr) for j in calls if j.role == "select"]
+    assert sorted(selection) == sorted((v, lr) for v in ("plain", "preserve") for lr in (0.01, 0.02, 0.04))
+    report = {(j.variant, j.lr, j.seed, j.epochs) for j in calls if j.role == "report"}
+    assert report == {("plain", 0.02, s, 8) for s in (1, 2)} | {("preserve", 0.01, s, 4) for s in (1, 2)}
+    assert len(calls) == len({j.key() for j in calls})  # no run twice
+    md = (tmp_path / "compare.md").read_text()
+    assert "Learning-rate selection" in md and "plain trained 8 epochs" in md
+    row = next(r for r in data["summary"] if r["variant"] == "preserve")
+    assert row["time_ratio"] == pytest.approx(1.0)  # equal wall time by construction
+    # more seeds later: only the new seed's runs are added
+    more = CompareSettings(**{**settings.__dict__, "seeds": (0, 1, 2, 3)})
+    calls.clear()
+    run_compare(more, runner=_fake_runner(calls), has_test=True, progress=False)
+    assert {(j.variant, j.seed) for j in calls} == {("plain", 3), ("preserve", 3)}
+    # other settings in the same project are refused
+    with pytest.raises(CompareError, match="other settings"):
+        run_compare(CompareSettings(**{**settings.__dict__, "epochs": 5}), runner=_fake_runner([]), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["yolov8n.yaml", "--data", "missing.yaml"], "dataset YAML missing.yaml does not exist"),
+        (["nothere.pt", "--data", "DATA"], "model file nothere.pt does not exist"),
+        (["yolov8n.yaml", "--data", "DATA", "--variants", "plain", "fancy"], "unknown variant(s) ['fancy']"),
+        (["yolov8n.yaml", "--data", "DATA", "--variants", "preserve", "scratch"], "needs 'plain'"),
+        (["--timm", "resnet18", "--data-dir", "nowhere"], "dataset folder nowhere does not exist"),
+        (["--timm", "resnet18"], "--timm needs --data-dir"),
+        (["yolov8n.yaml"], "give MODEL and --data"),
+    ],
+)
+def test_compare_user_mistakes_are_one_line_errors(args, message, detect_data, tmp_path):
+    args = [str(detect_data) if a == "DATA" else a for a in args]
+    proc = subprocess.run([sys.executable, "-m", "orepa_convert.cli", "compare", *args, "--project", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
