@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -28,9 +30,27 @@ def _same_padding_convs() -> tuple[type[nn.Module], ...]:
 
 
 def supported_conv_types() -> tuple[type[nn.Module], ...]:
-    """Exact classes that :class:`OREPAConv` can wrap (subclasses are *not* included)."""
+    """Classes that :class:`OREPAConv` wraps: these, and subclasses of ``nn.Conv1d/2d/3d`` that keep their base's
+    forward (see :func:`runs_plain_forward`)."""
     return _PLAIN_CONVS + _same_padding_convs()
 
+
+@functools.lru_cache(maxsize=None)
+def runs_plain_forward(cls: type) -> bool:
+    """Whether instances of ``cls`` compute a plain ``nn.Conv1d/2d/3d`` forward: the class itself, or a subclass
+    that only changes construction (e.g. torchvision's ``Conv3DSimple``) and overrides neither ``forward`` nor
+    ``_conv_forward``."""
+    base = next((b for b in _PLAIN_CONVS if issubclass(cls, b)), None)
+    return base is not None and cls.forward is base.forward and cls._conv_forward is base._conv_forward
+
+
+#: Warning when ``torch.export`` (and the default, dynamo-based ``torch.onnx.export``) traces an eval-mode block.
+EXPORT_UNFOLDED = (
+    "exporting an unfolded OREPA model: torch.export traces the parameters as fake tensors, so the graph keeps each "
+    "block's kernel generation and branch weights (several times the folded model's nodes and weights). Call "
+    "orepa_convert.fold_orepa(model) before torch.export / torch.onnx.export(dynamo=True) to export the plain, "
+    "folded graph (torch.onnx.export(..., dynamo=False) and torch.jit.trace record each block as its folded conv)"
+)
 
 SINGLE_TAP = "single-tap (1x1) kernel (opt 1x1 convs in with kernel_sizes=(1, 3))"
 
@@ -39,8 +59,12 @@ def unsupported_reason(conv: nn.Module, *, pointwise: bool = False) -> str | Non
     """Why ``conv`` cannot be wrapped, or ``None`` if it can; single-tap (1x1) kernels only with ``pointwise``."""
     if torch.nn.utils.parametrize.is_parametrized(conv, "weight"):
         return "weight is parametrized"
-    if type(conv) not in supported_conv_types():
-        return f"unsupported conv class {type(conv).__module__}.{type(conv).__qualname__}"
+    cls = type(conv)
+    if not runs_plain_forward(cls) and cls not in _same_padding_convs():
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        if isinstance(conv, _PLAIN_CONVS):
+            return f"conv subclass {name} overrides forward/_conv_forward (its computation is not a plain conv's)"
+        return f"unsupported conv class {name}"
     if isinstance(conv, nn.modules.lazy.LazyModuleMixin) or getattr(conv, "transposed", False):
         return "lazy or transposed conv"
     weight = conv._parameters.get("weight")
@@ -175,7 +199,8 @@ class OREPAConv(nn.Module):
     when it has one. Few, large tensors keep the per-step and per-optimizer-step overhead low.
 
     Args:
-        conv: an ``nn.Conv1d/2d/3d`` (exact class) or timm ``Conv2dSame`` with more than one kernel tap.
+        conv: an ``nn.Conv1d/2d/3d`` (or a subclass that keeps its forward) or timm ``Conv2dSame`` with more than
+            one kernel tap.
             It is taken over: its weight and bias move into the block.
         config: branch set, widths and init (see :class:`OREPAConfig`); selection fields are ignored here.
         generator: source of the random branch weights; by default a fresh one seeded with ``config.seed``.
@@ -333,12 +358,17 @@ class OREPAConv(nn.Module):
         scales = self._parameters["scales"]
         dtype = torch.float64 if scales.dtype == torch.float64 else torch.float32
         taps = kernels.tap_branches(self.branches)
+        target = (scales.device, dtype)
+        current = [b for b in (self._buffers.get("tap_filters"), self._buffers.get("pw_kxk_identity")) if b is not None]
+        if self.__dict__.get("_constants_built") == target and all((b.device, b.dtype) == target for b in current):
+            return  # built for this device and dtype and untouched (e.g. .float() of a float32 block): keep them
         if taps:
             filters = torch.stack([kernels.tap_filter(b, self.out_channels, self.kernel_size).flatten(1) for b in taps], 1)
             self.tap_filters = filters.to(device=scales.device, dtype=dtype)  # [O, B, kk]
         if "pw_kxk" in self.branches:
             identity = kernels.stacked_identity(self.pw_kxk_width, self.in_channels, self.groups)
             self.pw_kxk_identity = identity.to(device=scales.device, dtype=dtype)
+        self.__dict__["_constants_built"] = target
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         super()._apply(fn, recurse)
@@ -385,6 +415,8 @@ class OREPAConv(nn.Module):
         eval mode while autograd is not recording, or in any mode while no parameter requires grad) if no
         parameter changed (version counters, storage, dtype, device); else generated now."""
         if traced_generation():
+            if not self.training and torch.compiler.is_exporting():
+                warnings.warn(EXPORT_UNFOLDED, stacklevel=2)
             return self.generate_kernel()
         if torch.jit.is_tracing():
             return self._kernel_as_trace_constant()
@@ -429,7 +461,7 @@ class OREPAConv(nn.Module):
             return self._fx_opaque_call(x)
         kernel = self._kernel()
         conv = self._conv
-        if type(conv) in _PLAIN_CONVS and not (conv._forward_hooks or conv._forward_pre_hooks):
+        if runs_plain_forward(type(conv)) and not (conv._forward_hooks or conv._forward_pre_hooks):
             return conv._conv_forward(x, kernel, self.bias)
         # Any other supported class (run-time 'same' padding) or a conv with hooks: call it as itself.
         tensors = {"weight": kernel} if self.bias is None else {"weight": kernel, "bias": self.bias}

@@ -110,7 +110,7 @@ def convert_to_orepa(
 ) -> Any:
     """Replace every eligible conv -> batch norm in ``model`` by an :class:`OREPAConv`, in place.
 
-    Eligible: an ``nn.Conv1d/2d/3d`` (exact class) or timm ``Conv2dSame`` with more than one tap and a
+    Eligible: an ``nn.Conv1d/2d/3d`` (or a subclass that keeps its forward) or timm ``Conv2dSame`` with more than one tap and a
     non-parametrized weight whose traced output has exactly one consumer, a batch norm (a conv called
     several times must feed a batch norm at every call; it is converted once). Selection rules come from
     ``config`` / ``overrides`` (field names of :class:`OREPAConfig`). With the default ``init="preserve"``
@@ -132,6 +132,7 @@ def convert_to_orepa(
             "parameters; convert before wrapping in DDP (or wrap again)",
             stacklevel=2,
         )
+    root = next((m for m in call_hook("reload_changed", model, root) if m is not None), root)
     if carried_state(root) is not None:  # a folded checkpoint model that carries its OREPA training state
         unfold_carried(root)  # restores the blocks and attaches the generation hooks
         _, report = _plan(root, config)

@@ -194,12 +194,37 @@ def carried_state(model: nn.Module) -> dict[str, Any] | None:
     return carried if isinstance(carried, dict) else None
 
 
+def fused_since_saved(model: nn.Module) -> list[str]:
+    """Recorded block paths of a model carrying its OREPA state whose conv has gained a bias the carried state
+    lacks: the framework fused a batch norm into it in place after the state was saved (ultralytics < 8.4 does
+    so in ``val()``/``predict()``). Such a model cannot be unfolded; its checkpoint file can."""
+    carried = carried_state(model)
+    if carried is None:
+        return []
+    fused = []
+    for path in state_paths(carried[STATE_KEY]):
+        try:
+            conv = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if getattr(conv, "bias", None) is not None and f"{path}.bias" not in carried["blocks"]:
+            fused.append(path)
+    return fused
+
+
 def unfold_carried(model: nn.Module) -> nn.Module:
     """Turn a folded model that carries its OREPA training state back into that OREPA model, in place (exactly:
     the block tensors are the carried ones, every other tensor is the model's own)."""
     carried = carried_state(model)
     if carried is None:
         raise OREPAStateError(f"{type(model).__name__} carries no OREPA training state")
+    fused = fused_since_saved(model)
+    if fused:
+        raise OREPAStateError(
+            f"{type(model).__name__} was fused in place after its OREPA state was saved ({len(fused)} conv(s) took in "
+            f"their batch norm, e.g. '{fused[0]}'; ultralytics < 8.4 does this in val()/predict()): load the "
+            f"checkpoint again (e.g. YOLO('runs/.../best.pt')) and convert that"
+        )
     restore_from_orepa_state(model, carried[STATE_KEY])
     blocks = carried["blocks"]
     missing = sorted(set(block_state_dict(model)) - set(blocks))

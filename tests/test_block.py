@@ -298,7 +298,8 @@ def test_hooks_on_wrapped_conv_still_fire():
     "conv, match",
     [
         (nn.ConvTranspose2d(4, 4, 3), "unsupported conv class"),
-        (type("MyConv", (nn.Conv2d,), {})(4, 4, 3), "unsupported conv class"),
+        (type("PaddedConv", (nn.Conv2d,), {"forward": lambda self, x: super(type(self), self).forward(x + 1)})(4, 4, 3),
+         "overrides forward"),
     ],
 )
 def test_unsupported_convs_rejected(conv, match):
@@ -324,3 +325,22 @@ def test_branch_subsets_match_feature_maps_and_fold(branches):
     assert rel_err(y, offline_block(block, x)) <= 1e-12
     with torch.no_grad():
         assert rel_err(block.fold()(x), y) <= 1e-12
+
+
+class _KeywordConv(nn.Conv2d):
+    """A conv subclass that only sets constructor arguments (as torchvision's video Conv3DSimple does)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(cin, cout, kernel_size=3, padding=1, bias=False)
+
+
+def test_conv_subclass_that_keeps_the_forward_is_wrapped_and_folds_to_its_class():
+    conv = _KeywordConv(4, 6)
+    x = torch.randn(2, 4, 7, 7)
+    expected = conv(x)
+    block = OREPAConv(conv)
+    assert rel_err(block(x), expected) <= 1e-6  # preserve: the same function
+    randomise_block(block)
+    y = block(x)
+    folded = block.fold()
+    assert type(folded) is _KeywordConv and rel_err(folded(x), y) <= 1e-5

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 from models import DataDependent, OneAndThreeD, SharedConv, TwoConsumers, Variety, randomise_bn, tensors
@@ -273,3 +274,33 @@ def test_import_and_plain_conversion_touch_no_rng_and_import_no_framework():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     assert out.stdout.split() == ["True", "17", "False", "False"], out.stderr[-2000:]
+
+
+def test_torchvision_video_models_convert_their_conv_subclasses_and_fold_to_them():
+    from torchvision.models.video.resnet import Conv3DNoTemporal, Conv3DSimple
+    model = randomise_bn(torchvision.models.video.mc3_18(num_classes=3)).eval()
+    classes = {p: type(m) for p, m in model.named_modules()}
+    x = torch.randn(1, 3, 4, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    _, report = convert_to_orepa(model, init="paper", return_report=True)
+    assert report.converted == 17 and report.eligible == 17  # every conv -> BN, 16 of them Conv3DSimple
+    with torch.no_grad():
+        unfolded = model(x)
+        fold_orepa(model)
+        assert rel_err(model(x), unfolded) <= 1e-5
+    assert {p: type(m) for p, m in model.named_modules()} == classes
+    assert sum(type(m) in (Conv3DSimple, Conv3DNoTemporal) for m in model.modules()) == 16
+    assert expected.shape == unfolded.shape
+
+
+def test_conv_subclass_that_overrides_forward_is_reported_not_converted():
+    class ScaledConv(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = nn.Sequential(ScaledConv(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+    _, report = convert_to_orepa(model, return_report=True)
+    assert report.converted == 1 and isinstance(model[2], OREPAConv) and type(model[0]) is ScaledConv
+    reason = next(r.reason for r in report.records if r.path == "0")
+    assert "ScaledConv overrides forward" in reason

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -66,3 +67,29 @@ def test_jit_script_of_unfolded_model_says_to_fold_and_changes_nothing():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert rel_err(scripted(x), model(x)) <= 1e-5
+
+
+def test_torch_export_of_unfolded_eval_model_warns_to_fold_and_is_exact():
+    model = _converted_resnet18()
+    x = torch.randn(2, 3, 64, 64)
+    with pytest.warns(UserWarning, match=r"fold_orepa\(model\) before torch.export"):
+        program = torch.export.export(model, (x,))
+    with torch.no_grad():
+        assert rel_err(program.module()(x), model(x)) <= 1e-5
+    folded = fold_orepa(copy.deepcopy(model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the folded model exports without the warning
+        folded_program = torch.export.export(folded, (x,))
+    convs = [n for n in folded_program.graph.nodes if n.op == "call_function" and "conv" in str(n.target)]
+    assert len(convs) == 20 and len(folded_program.graph.nodes) < len(program.graph.nodes)
+
+
+def test_torch_export_of_training_mode_model_records_the_generation_without_warning():
+    model = _converted_resnet18().train()
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*(deprecat|pin_memory).*")
+        program = torch.export.export(model, (x,))
+    params = dict(program.named_parameters())
+    assert any(name.endswith("weight_taps") for name in params)  # the branches are the program's parameters

@@ -248,10 +248,10 @@ def run_compare(settings: CompareSettings, *, runner: Runner = run_in_subprocess
 def _planned(settings: CompareSettings) -> int:
     n = len(settings.variants)
     total = len(settings.seeds) * n
-    if settings.selecting:
-        total += len(settings.selection_seeds) * len(settings.lrs) * n
+    if settings.selecting:  # a selection seed's run at the chosen rate is also its reported run
+        total += (len(settings.selection_seeds) * len(settings.lrs) - len(set(settings.selection_seeds) & set(settings.seeds))) * n
     if settings.budget == "time":
-        total += n
+        total += 1  # plain at equal epochs (the OREPA timing runs are runs of the comparison)
     return total
 
 

@@ -4,8 +4,9 @@ its framework (an object of that framework cannot exist otherwise), and it never
 Model plugins (listed in :data:`MODEL_PLUGINS`) may define any of these hooks, which the core calls in order:
 
 - ``unwrap(obj) -> nn.Module | None``: the module inside a framework wrapper object (e.g. ultralytics ``YOLO``).
-- ``before_convert(obj, root) -> bool``: restore OREPA state that the framework's checkpoint carried; ``True``
-  when it did, and then nothing else is converted.
+- ``reload_changed(obj, root) -> nn.Module | None``: a replacement for ``root`` when the framework changed it in
+  place beyond what its carried OREPA state describes (e.g. fused it): the same checkpoint loaded again, already
+  installed in ``obj``; ``None`` when ``root`` is fine.
 - ``after_convert(obj, root)``: ``root`` (inside ``obj``) now has OREPA blocks.
 - ``after_fold(obj, root)``: ``root`` (inside ``obj``) has no OREPA blocks any more.
 

@@ -52,7 +52,14 @@ from ..block import OREPAConv
 from ..config import OREPAConfig
 from ..convert import convert_to_orepa
 from ..fold import fold_orepa
-from ..state import carried_state, fold_carrying_state, orepa_state, restore_from_orepa_state, unfold_carried
+from ..state import (
+    carried_state,
+    fold_carrying_state,
+    fused_since_saved,
+    orepa_state,
+    restore_from_orepa_state,
+    unfold_carried,
+)
 from ..surgery import CARRIED_ATTR
 
 logger = logging.getLogger(__name__)
@@ -68,6 +75,27 @@ def unwrap(obj: object) -> nn.Module | None:
     if isinstance(obj, Model) and isinstance(getattr(obj, "model", None), nn.Module):
         return obj.model
     return None
+
+
+def reload_changed(obj: object, root: nn.Module) -> nn.Module | None:
+    """A ``YOLO`` object whose model carries its OREPA state but was fused in place since (ultralytics < 8.4 fuses
+    the object's own model in ``val()``/``predict()``): load its checkpoint file (``pt_path``) again into the
+    object and return that model; ``None`` when nothing was fused."""
+    if not isinstance(obj, Model) or not fused_since_saved(root):
+        return None
+    path = getattr(root, "pt_path", None)
+    if not path or not Path(path).is_file():
+        return None  # unfold_carried then says to load the checkpoint again
+    try:
+        from ultralytics.nn.tasks import load_checkpoint as load
+    except ImportError:  # ultralytics < 8.4
+        from ultralytics.nn.tasks import attempt_load_one_weight as load
+    fresh, _ = load(path)
+    if carried_state(fresh) is None or fused_since_saved(fresh):
+        return None
+    obj.model = fresh
+    logger.info("OREPA: %s was fused in place by ultralytics; loaded %s again", type(root).__name__, path)
+    return fresh
 
 
 def after_convert(obj: object, root: nn.Module) -> None:
@@ -202,6 +230,37 @@ class OREPATrainerMixin:
         _drop_legacy_record(model)
         return model
 
+    def train(self) -> Any:
+        """Ultralytics' training; before it launches multi-GPU workers, hand them this trainer's model
+        (:meth:`hand_off_to_workers`)."""
+        if self.launches_workers():
+            self.hand_off_to_workers()
+        return super().train()  # type: ignore[misc]
+
+    def launches_workers(self) -> bool:
+        """Whether ``train()`` will start DDP worker processes (this is the launching process of a multi-GPU run)."""
+        if "LOCAL_RANK" in os.environ:
+            return False
+        if hasattr(self, "ddp"):  # ultralytics >= 8.4 decides in __init__
+            return bool(self.ddp)
+        return _world_size(self.args.device) > 1  # type: ignore[attr-defined]  # < 8.4 decides in train()
+
+    def hand_off_to_workers(self) -> Path | None:
+        """Write the model this trainer trains (its OREPA conversion and weights, folded and carrying its OREPA
+        state) to ``weights/orepa_start.pt`` and point ``args.model`` at it, so that every DDP worker trains
+        exactly that conversion. Ultralytics before 8.4.140 rebuilds each worker's trainer from its arguments
+        (the model's file name) and would convert with the default config; later versions pickle the model into
+        the workers and use it as it is. Returns the file, or ``None`` when there is no OREPA model to hand over."""
+        model = self.model if isinstance(self.model, nn.Module) else self._orepa_start  # type: ignore[has-type]
+        if not has_blocks(model):
+            return None
+        path = Path(self.wdir) / "orepa_start.pt"  # type: ignore[attr-defined]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": fold_carrying_state(model), "train_args": {}}, path)
+        self.args.model = str(path)  # type: ignore[attr-defined]
+        logger.info("OREPA: DDP workers start from %s (%d blocks)", path, sum(isinstance(m, OREPAConv) for m in model.modules()))
+        return path
+
     def build_optimizer(self, model: nn.Module, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         """Ultralytics' optimizer, with every OREPA scale vector moved into a no-decay group (like BN weights)."""
         optimizer = super().build_optimizer(model, *args, **kwargs)  # type: ignore[misc]
@@ -223,6 +282,17 @@ class OREPATrainerMixin:
         if isinstance(ema, nn.Module) and carried_state(ema) is not None:
             ckpt = {**ckpt, "ema": unfold_carried(copy.deepcopy(ema))}
         return super().resume_training(ckpt)  # type: ignore[misc]
+
+
+def _world_size(device: Any) -> int:
+    """The number of processes ultralytics < 8.4 trains on for ``device`` (its ``BaseTrainer.train`` rule)."""
+    if isinstance(device, str) and device:
+        return len(device.split(","))
+    if isinstance(device, (tuple, list)):
+        return len(device)
+    if device in ("cpu", "mps"):
+        return 0
+    return 1 if torch.cuda.is_available() else 0
 
 
 def _load_orepa_weights(model: nn.Module, weights: nn.Module) -> None:

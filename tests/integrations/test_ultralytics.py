@@ -20,7 +20,7 @@ from ultralytics import YOLO  # noqa: E402
 
 from models import tensors  # noqa: E402
 from offline import rel_err  # noqa: E402
-from orepa_convert import OREPAConv, convert_to_orepa, fold_orepa  # noqa: E402
+from orepa_convert import OREPAConv, convert_to_orepa, fold_orepa, inspect_model  # noqa: E402
 from orepa_convert.integrations import ultralytics as ul  # noqa: E402
 from orepa_convert.state import carried_state, state_paths, unfold_carried  # noqa: E402
 from orepa_convert.synthetic import make_dataset  # noqa: E402
@@ -88,7 +88,13 @@ def test_train_writes_stock_checkpoints_that_carry_the_orepa_state(trained):
 def test_scales_get_no_weight_decay_with_every_optimizer(trained):
     model, data, root, _ = trained
     trainer_cls = ul.orepa_trainer(model.task_map["detect"]["trainer"])
-    for name in ("SGD", "AdamW", "MuSGD"):
+    try:
+        from ultralytics.optim import MuSGD  # noqa: F401  (newer ultralytics only)
+
+        muon: tuple[str, ...] = ("MuSGD",)
+    except ImportError:
+        muon = ()
+    for name in ("SGD", "AdamW", *muon):
         trainer = trainer_cls(overrides={"model": "yolov8n.yaml", "data": str(data), "optimizer": name,
                                          "project": str(root / "runs"), "name": "opt", "exist_ok": True})
         net = copy.deepcopy(_reload(root).model).train()
@@ -160,7 +166,11 @@ model = m.model.float().eval()
 with torch.no_grad():
     ref = model(torch.from_numpy(x))[0].numpy()
 # fine-tuning from the file: what DetectionModel.load transfers into a freshly built model
-from ultralytics.nn.tasks import DetectionModel, load_checkpoint
+from ultralytics.nn.tasks import DetectionModel
+try:
+    from ultralytics.nn.tasks import load_checkpoint
+except ImportError:  # ultralytics < 8.4
+    from ultralytics.nn.tasks import attempt_load_one_weight as load_checkpoint
 from ultralytics.utils.torch_utils import intersect_dicts
 fresh = DetectionModel(load_checkpoint(path)[0].yaml, nc=2, verbose=False)
 moved = intersect_dicts(load_checkpoint(path)[0].float().state_dict(), fresh.state_dict())
@@ -173,7 +183,7 @@ print(json.dumps({"orepa_imported": any(k.startswith("orepa_convert") for k in s
 def test_run_checkpoints_work_in_stock_ultralytics_and_onnx(trained, tmp_path):
     model, data, root, _ = trained
     folded = root / "runs" / "train" / "weights" / "best.pt"  # as the run wrote it
-    env = {**os.environ, "YOLO_OFFLINE": "1", "PYTHONPATH": ""}
+    env = {**os.environ, "YOLO_OFFLINE": "1"}  # PYTHONPATH kept: the ultralytics under test
     out = subprocess.run([sys.executable, "-c", STOCK, str(folded), str(data), str(root / "data" / "images" / "val")],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -218,6 +228,10 @@ def test_resume_continues_with_orepa_structure_and_optimizer(trained, tmp_path):
                                        ("detect", "yolo11n.yaml"), ("detect", "yolo26n.yaml"),
                                        ("detect", "yolov10n.yaml")])
 def test_every_task_trains_and_folds(task, cfg, tmp_path):
+    from orepa_convert.models import is_shipped_yaml
+
+    if not is_shipped_yaml(cfg):
+        pytest.skip(f"this ultralytics does not ship {cfg}")
     data = make_dataset(tmp_path / "data", task)
     model = YOLO(cfg)
     _, report = convert_to_orepa(model, return_report=True)
@@ -237,6 +251,10 @@ def test_train_with_ultralytics_compile_switch(tmp_path):
 
     The classification YOLO keeps this affordable: a cold inductor compile of its training step takes about 2
     minutes on 2 cores, yolov8n detection's about 7 (same trainer code path: compiled forward, eager loss)."""
+    from ultralytics.utils import DEFAULT_CFG_DICT
+
+    if "compile" not in DEFAULT_CFG_DICT:
+        pytest.skip("this ultralytics has no compile= training option")
     data = make_dataset(tmp_path / "data", "classify", n_train=4, n_val=2, imgsz=32)
     model = YOLO("yolov8n-cls.yaml")
     _, report = convert_to_orepa(model, return_report=True)
@@ -259,7 +277,7 @@ def test_rtdetr_fuse_of_unfolded_model_is_a_folded_copy_and_fold_then_fuse_works
     model = RTDETR("rtdetr-l.yaml")
     _, report = convert_to_orepa(model, return_report=True)
     assert report.converted == _blocks(model.model) > 0
-    x = torch.rand(1, 3, 64, 64)
+    x = torch.rand(1, 3, 160, 160)  # enough anchors for the decoder's 300 queries (older ultralytics needs them)
 
     def features(net):
         """Every layer's output before the decoder (whose top-k query selection is discontinuous)."""
@@ -300,13 +318,14 @@ def test_1x1_blocks_train_and_ride_in_stock_checkpoints(tmp_path):
     data = make_dataset(tmp_path / "data", "detect", n_train=4, n_val=2)
     model = YOLO("yolov8n.yaml")
     _, report = convert_to_orepa(model, kernel_sizes=(1, 3), return_report=True)
-    assert report.converted == 57
+    kxk = inspect_model(YOLO("yolov8n.yaml")).converted  # 39 (ultralytics 8.4)
+    assert report.converted > kxk  # 57 with ultralytics 8.4
     model.train(data=str(data), epochs=1, project=str(tmp_path / "runs"), name="pw", **TRAIN)
     best = torch.load(tmp_path / "runs" / "pw" / "weights" / "best.pt", weights_only=False)["model"]
-    assert _blocks(best) == 0 and len(state_paths(carried_state(best)["orepa_state"])) == 57
+    assert _blocks(best) == 0 and len(state_paths(carried_state(best)["orepa_state"])) == report.converted
     convert_to_orepa(model)
     pointwise = [m for m in model.model.modules() if isinstance(m, OREPAConv) and m.kernel_size == (1, 1)]
-    assert _blocks(model.model) == 57 and len(pointwise) == 18
+    assert _blocks(model.model) == report.converted and len(pointwise) == report.converted - kxk
     x = torch.rand(1, 3, 64, 64)
     before = _outputs(model.model, x)
     fold_orepa(model)
@@ -322,3 +341,63 @@ def test_pretrained_false_drops_the_start_weights_but_keeps_its_conversion(tmp_p
     (group,) = state["orepa_state"]["groups"]
     assert group["config"]["init"] == "scratch" and group["config"]["branches"] == ["origin", "pw", "dws"]
     assert len(group["paths"]) == 39
+
+
+def test_ddp_worker_script_trains_the_conversion_the_user_made(tmp_path):
+    """Ultralytics' own multi-GPU worker script (run as one CPU process) trains exactly the user's conversion: on
+    ultralytics < 8.4.140 it rebuilds the trainer from its arguments, so the trainer hands it a checkpoint."""
+    from ultralytics.utils.dist import generate_ddp_file
+
+    data = make_dataset(tmp_path / "data", "detect")
+    model = YOLO("yolov8n.yaml")
+    convert_to_orepa(model, kernel_sizes=(1, 3), init="scratch")  # not the default config: more blocks (57, not 39)
+    expected = _blocks(model.model)
+    assert expected > inspect_model(YOLO("yolov8n.yaml")).converted  # what the default config would convert
+    args = {**model.overrides, **TRAIN, "data": str(data), "epochs": 1, "project": str(tmp_path / "runs"), "name": "ddp",
+            "mode": "train"}
+    trainer = model._smart_load("trainer")(overrides=args, _callbacks=model.callbacks)
+    trainer.model = trainer.get_model(weights=None, cfg=model.model.yaml)  # as Model.train() does before train()
+    assert not trainer.launches_workers()  # device=cpu here; with device="0,1" train() hands off, then launches
+    start = trainer.hand_off_to_workers()
+    assert start is not None and trainer.args.model == str(start)
+    script = generate_ddp_file(trainer)
+    try:
+        proc = subprocess.run([sys.executable, script], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    finally:
+        for leftover in (Path(script), Path(script).with_suffix(".pt")):
+            leftover.unlink(missing_ok=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(Path(trainer.wdir) / "last.pt", map_location="cpu", weights_only=False)
+    record = carried_state(ckpt.get("ema") or ckpt["model"])["orepa_state"]
+    assert len(state_paths(record)) == expected
+    assert {g["config"]["init"] for g in record["groups"]} == {"scratch"}
+
+
+def test_multi_gpu_launch_rule_of_old_ultralytics():
+    assert ul._world_size("0,1") == 2 and ul._world_size([0, 1, 2]) == 3
+    assert ul._world_size("cpu") <= 1 and ul._world_size("0") == 1 and ul._world_size(None) <= 1
+
+
+def test_convert_after_val_gives_the_trained_blocks_even_where_val_fuses_in_place(trained):
+    """Ultralytics < 8.4 fuses the object's own model in val()/predict(); the documented convert_to_orepa(model)
+    afterwards loads the checkpoint again (8.4 validates a copy, so nothing is reloaded there)."""
+    _, data, root, _ = trained
+    best = root / "runs" / "train" / "weights" / "best.pt"
+    model = YOLO(str(best))
+    model.val(data=str(data), imgsz=64, batch=4, device="cpu", plots=False, verbose=False)
+    convert_to_orepa(model)
+    expected = _reload(root)
+    assert _blocks(model.model) == _blocks(expected.model) == 39
+    x = torch.rand(1, 3, 64, 64)
+    assert rel_err(_outputs(model.model, x), _outputs(expected.model, x)) <= 1e-6
+
+
+def test_a_model_fused_after_saving_says_to_load_the_checkpoint_again(trained):
+    from orepa_convert import OREPAStateError
+
+    _, _, root, _ = trained
+    plain = torch.load(root / "runs" / "train" / "weights" / "best.pt", weights_only=False)["model"].float()
+    plain.fuse()  # ultralytics' own fuse, in place: every Conv takes in its BN
+    with pytest.raises(OREPAStateError, match=r"fused in place .* load the checkpoint again"):
+        convert_to_orepa(plain)
+    assert _blocks(plain) == 0  # nothing was changed
