@@ -5,7 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export YOLO_OFFLINE := 1
 
-.PHONY: setup demo test
+ULTRALYTICS_OLDEST ?= 8.3.0
+OLDEST_DIR := .ultralytics-$(ULTRALYTICS_OLDEST)
+
+.PHONY: setup demo test test-ultralytics-oldest
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,3 +23,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# The YOLO workflow tests (single process and ultralytics' own DDP worker script) on the oldest ultralytics the
+# package declares, installed beside the environment (not into it); see docs/yolo.md.
+test-ultralytics-oldest: setup
+	$(PY) -m pip install --quiet --no-deps --target $(OLDEST_DIR) ultralytics==$(ULTRALYTICS_OLDEST) pandas pytz tzdata
+	PYTHONPATH=$(OLDEST_DIR) $(PY) -m pytest tests/integrations/test_ultralytics.py

@@ -278,7 +278,9 @@ class OREPAConv(nn.Module):
         # one 1-D parameter [n * O]; row j of its [n, O] view scales branch j (see scale())
         self.scales = nn.Parameter(scales.to(device=weight.device, dtype=weight.dtype), weight.requires_grad)
         self._plan = kernels.generation_plan(weight.shape, groups, self.branches, expansion, width)
-        target_norm = weight.detach().flatten(1).norm(dim=1).double() if config.init == "scratch" else None
+        live = config.init == "preserve_live"
+        wrapped = weight.detach().double() if live else None
+        target_norm = weight.detach().flatten(1).norm(dim=1).double() if config.init in ("scratch", "preserve_live") else None
 
         # Take the conv over: its weight is generated from now on, its bias lives here.
         bias = conv._parameters["bias"] if "bias" in conv._parameters else None
@@ -294,6 +296,8 @@ class OREPAConv(nn.Module):
         self._refresh_constants()
         if target_norm is not None:
             self._match_kernel_norm(target_norm)
+        if wrapped is not None:
+            self._absorb_into_origin(wrapped)
         self.train(conv.training)
 
     @torch.no_grad()
@@ -303,6 +307,16 @@ class OREPAConv(nn.Module):
         norm = self.generate_kernel(torch.float64).flatten(1).norm(dim=1)
         factor = torch.where(norm > 0, target.to(norm.device) / norm, torch.ones_like(norm))
         self.scales.copy_((self.scales.view(len(self.branches), -1).double() * factor).flatten().to(self.scales.dtype))
+
+    @torch.no_grad()
+    def _absorb_into_origin(self, wrapped: Tensor) -> None:
+        """``init="preserve_live"``: origin scale 1 and origin weight = ``wrapped`` minus what the other branches
+        generate, so that the block computes the wrapped conv's function (to float rounding) with every branch live."""
+        row = self.scales.view(len(self.branches), -1)[self._branch_index("origin")]
+        scale = row.double().view(-1, *([1] * (wrapped.dim() - 1)))
+        others = self.generate_kernel(torch.float64) - self.weight_origin.double() * scale
+        row.fill_(1.0)
+        self.weight_origin.copy_((wrapped.to(others.device) - others).to(self.weight_origin.dtype))
 
     # ------------------------------------------------------------------ conv attributes
     @property

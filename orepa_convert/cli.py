@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .config import OREPAConfig
+from .config import INITS, OREPAConfig
 from .convert import inspect_model
 from .models import build_model
 
@@ -48,13 +48,14 @@ def _fold(args: argparse.Namespace) -> int:
     from torch import nn
 
     from .fold import fold_orepa
-    from .state import STATE_KEY, is_orepa_state_dict, restore_from_orepa_state, state_from_layout
+    from .state import STATE_KEY, is_orepa_state_dict, load_file, restore_from_orepa_state, state_from_layout
 
     source = Path(args.checkpoint)
     if not source.is_file():
         raise FileNotFoundError(f"{source} does not exist")
     out = Path(args.output)
-    obj = torch.load(source, map_location="cpu", weights_only=False)  # unpickles: trusted files only (see --help)
+    # unpickles: trusted files only (see --help)
+    obj = load_file(source, weights_only=False, expected="an ultralytics checkpoint, a pickled module or a state_dict")
     if isinstance(obj, dict) and isinstance(obj.get("ema") or obj.get("model"), nn.Module):
         import ultralytics  # noqa: F401  (the checkpoint unpickled, so ultralytics is installed)
 
@@ -139,7 +140,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _add_selection_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--init", choices=["preserve", "paper", "scratch"], default="preserve")
+    p.add_argument("--init", choices=list(INITS), default="preserve")
     p.add_argument("--include", nargs="+", metavar="GLOB", help="only convert module paths matching a glob")
     p.add_argument("--exclude", nargs="+", metavar="GLOB", help="never convert module paths matching a glob")
     p.add_argument("--kernel-sizes", nargs="+", type=int, metavar="K", help="only convert these square kernel sizes")
@@ -205,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plain and OREPA inits (preserve, paper, scratch); default: plain preserve")
     c.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="S", help="paired seeds (default 0 1 2)")
     c.add_argument("--epochs", type=int, default=10)
-    c.add_argument("--imgsz", type=int, help="image size (ultralytics imgsz, timm --img-size)")
+    c.add_argument("--imgsz", "--img-size", type=int, help="image size (ultralytics imgsz, timm --img-size)")
     c.add_argument("--lr0", nargs="+", type=float, metavar="LR",
                    help="learning rate(s); several: each variant picks its own on the validation split")
     c.add_argument("--select-seeds", nargs="+", type=int, metavar="S",

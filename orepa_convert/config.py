@@ -29,9 +29,9 @@ POINTWISE_BRANCHES: tuple[str, ...] = ("origin", "pw_kxk")
 #: Per-branch scale initialisation of the reference ``OREPA_1x1`` ("paper" init of a 1x1 block).
 PAPER_SCALE_INIT_1X1: dict[str, float] = {"origin": 1.0, "pw_kxk": 0.5}
 
-Init = Literal["preserve", "paper", "scratch"]
+Init = Literal["preserve", "paper", "scratch", "preserve_live"]
 #: The initialisations an OREPA block offers (see :class:`OREPAConfig`).
-INITS: tuple[str, ...] = ("preserve", "paper", "scratch")
+INITS: tuple[str, ...] = ("preserve", "paper", "scratch", "preserve_live")
 ModuleFilter = Callable[[str, nn.Module], bool]
 
 
@@ -64,7 +64,11 @@ class OREPAConfig:
             weight, origin scale 1, every other scale 0); ``"paper"`` is the paper's initialisation, exactly as the
             reference; ``"scratch"`` is the paper's, with each output channel's scales rescaled so that the
             generated kernel has the norm of the wrapped conv's (default-initialised) weight: for training from
-            scratch (the paper init's kernels are ~3x larger, which slows training behind a BN; docs/efficacy.md).
+            scratch (the paper init's kernels are ~3x larger, which slows training behind a BN; docs/efficacy.md);
+            ``"preserve_live"`` keeps the function too (to float rounding) but with every branch live from the first
+            step: the other branches as in ``"scratch"`` (random weights, paper proportions, the wrapped weight's
+            norm), origin scale 1 and origin weight = the conv's weight minus their contribution. With
+            ``"preserve"`` the extra branches get no gradient until their zero scales move.
         branches: subset of :data:`BRANCHES` to build (default: all six).
         pw_kxk_width: internal width of the 1x1->kxk branch as a multiple of ``in_channels``; ``None``
             follows the paper (1 if ``groups <= 4`` else 2).
@@ -101,7 +105,7 @@ class OREPAConfig:
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         if self.init not in INITS:
-            raise ValueError(f"OREPAConfig.init must be 'preserve', 'paper' or 'scratch', got {self.init!r}")
+            raise ValueError(f"OREPAConfig.init must be one of {INITS}, got {self.init!r}")
         branches = _as_tuple(self.branches, "branches")
         unknown = [b for b in branches if b not in BRANCHES]
         if unknown or not branches:
@@ -112,9 +116,9 @@ class OREPAConfig:
             raise ValueError(f"OREPAConfig.branches has duplicates: {self.branches!r}")
         # Canonical order, so that equal sets give equal configs and equal state_dict layouts.
         set_(self, "branches", tuple(b for b in BRANCHES if b in branches))
-        if self.init == "preserve" and "origin" not in self.branches:
+        if self.init in ("preserve", "preserve_live") and "origin" not in self.branches:
             raise ValueError(
-                "OREPAConfig(init='preserve') needs the 'origin' branch (it carries the existing conv weight); "
+                f"OREPAConfig(init={self.init!r}) needs the 'origin' branch (it carries the existing conv weight); "
                 "add 'origin' to branches or use init='paper'"
             )
         if self.pw_kxk_width is not None and (

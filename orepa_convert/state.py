@@ -249,11 +249,26 @@ def save(model: Any, f: FileLike, **extra: Any) -> None:
     torch.save({STATE_KEY: orepa_state(root), "orepa_model": root.state_dict(), "state_dict": folded.state_dict(), **extra}, f)
 
 
+def load_file(f: FileLike, *, weights_only: bool = True, expected: str = "an orepa_convert checkpoint") -> Any:
+    """``torch.load(f)`` on the CPU, with one :class:`OREPAStateError` line that names the file and what was
+    expected when it cannot be read (corrupt, not a torch file, or, with ``weights_only``, a pickle of objects)."""
+    try:
+        return torch.load(f, map_location="cpu", weights_only=weights_only)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # UnpicklingError, RuntimeError (not a zip), EOFError, ...: many ways to be unreadable
+        name = os.fspath(f) if isinstance(f, (str, os.PathLike)) else getattr(f, "name", "the file")
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        hint = " (it holds pickled objects: only files written by orepa_convert.save load safely)" if weights_only and \
+            "weights_only" in str(exc) else ""
+        raise OREPAStateError(f"{name} is not {expected} that torch.load can read{hint}: {type(exc).__name__}: {first}") from None
+
+
 def restore(model: Any, f: FileLike | Mapping[str, Any], *, strict: bool = True) -> Any:
     """Convert the freshly built original ``model`` as the file written by :func:`save` records, then load its
     OREPA weights. ``f`` may also be the already loaded dict. Returns ``model``."""
-    ckpt = f if isinstance(f, Mapping) else torch.load(f, map_location="cpu", weights_only=True)
-    if STATE_KEY not in ckpt or "orepa_model" not in ckpt:
+    ckpt = f if isinstance(f, Mapping) else load_file(f)
+    if not isinstance(ckpt, Mapping) or STATE_KEY not in ckpt or "orepa_model" not in ckpt:
         raise OREPAStateError(f"not an orepa_convert checkpoint: expected keys '{STATE_KEY}' and 'orepa_model'")
     restore_from_orepa_state(model, ckpt[STATE_KEY])
     unwrap_model(model).load_state_dict(ckpt["orepa_model"], strict=strict)

@@ -344,3 +344,19 @@ def test_conv_subclass_that_keeps_the_forward_is_wrapped_and_folds_to_its_class(
     y = block(x)
     folded = block.fold()
     assert type(folded) is _KeywordConv and rel_err(folded(x), y) <= 1e-5
+
+
+def test_preserve_live_keeps_the_function_with_every_branch_live():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, padding=1, groups=2, bias=True)
+    x = torch.randn(2, 8, 9, 9)
+    expected = conv(x).detach()
+    block = OREPAConv(conv, OREPAConfig(init="preserve_live"))
+    assert rel_err(block(x), expected) <= 1e-5  # the same function, to float rounding
+    assert all(abs(block.scale(b)).sum() > 0 for b in block.branches if b != "prior")  # prior starts at 0 in the paper
+    assert torch.equal(block.scale("origin"), torch.ones(12))
+    block(x).square().mean().backward()
+    dead = [n for n, p in block.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert dead == []  # with init="preserve" every branch weight but the origin would get a zero gradient here
+    with torch.no_grad():
+        assert rel_err(block.fold()(x), block(x)) <= 1e-5

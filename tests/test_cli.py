@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from orepa_convert.cli import main
 
 
@@ -71,3 +73,34 @@ def test_closed_pipe_is_not_an_error():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0, err
     assert "BrokenPipeError" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint\n", bytes(range(256)) * 8])
+def test_fold_of_an_unreadable_file_is_one_line(content, tmp_path, capsys):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(content)
+    assert main(["fold", str(junk), "-o", str(tmp_path / "out.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(junk) in err[0] and "is not an ultralytics checkpoint, a pickled module" in err[0]
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_restore_of_an_unreadable_or_foreign_file_says_what_it_expected(tmp_path):
+    import torch
+    import torchvision
+
+    from orepa_convert import OREPAStateError, restore
+
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"\x00garbage")
+    with pytest.raises(OREPAStateError, match=r"junk.pth is not an orepa_convert checkpoint that torch.load can read"):
+        restore(torchvision.models.resnet18(), junk)
+    pickled = tmp_path / "module.pth"
+    torch.save(torch.nn.Conv2d(1, 1, 1), pickled)  # a pickled object, not a weights-only checkpoint
+    with pytest.raises(OREPAStateError, match="holds pickled objects") as info:
+        restore(torchvision.models.resnet18(), pickled)
+    assert "\n" not in str(info.value)
+    plain = tmp_path / "plain.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), plain)
+    with pytest.raises(OREPAStateError, match="not an orepa_convert checkpoint: expected keys"):
+        restore(torchvision.models.resnet18(), plain)
