@@ -66,11 +66,12 @@ def training_step_ops(model: nn.Module, x: torch.Tensor) -> collections.Counter[
     return counter.counts
 
 
-def count_generation_ops(spec: str, imgsz: int = 64) -> dict:
-    """Ops a training step of the converted ``spec`` runs beyond the plain model's (batch 1 at ``imgsz``)."""
+def count_generation_ops(spec: str, imgsz: int = 64, device: str | torch.device = "cpu") -> dict:
+    """Ops a training step of the converted ``spec`` runs beyond the plain model's (batch 1 at ``imgsz``), on
+    ``device`` (on the CPU they include the denormal guard, see the module docstring)."""
     torch.manual_seed(0)
-    model = build_model(spec)
-    x = torch.randn(1, 3, imgsz, imgsz)
+    model = build_model(spec).to(device)
+    x = torch.randn(1, 3, imgsz, imgsz, device=device)
     plain = training_step_ops(model, x)
     convert_to_orepa(model)
     orepa = training_step_ops(model, x)

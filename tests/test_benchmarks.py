@@ -53,3 +53,26 @@ def test_efficacy_sweep_selects_on_validation_and_reports_int8(tmp_path):
     stats = data["init_statistics"]["small-resnet"]
     assert set(stats) == {"plain", "orepa-scratch"} and abs(stats["plain"]["norm_ratio"] - 1) < 1e-6
     assert abs(stats["orepa-scratch"]["norm_ratio"] - 1) < 1e-4  # scratch matches the default-init norms
+
+
+def test_gpu_suite_dry_run_on_the_cpu(tmp_path):
+    """``benchmarks/gpu_suite.py --device cpu --tiny``: the pipeline a GPU session runs, end to end, so the command
+    is known to work before a GPU is lent (the CUDA tests report skipped here)."""
+    from benchmarks import gpu_suite
+
+    code = gpu_suite.main(["--out", str(tmp_path), "--device", "cpu", "--tiny", "--cases", "yolov8n@2x64",
+                           "torchvision:resnet18@2x64", "--compile-cases", "torchvision:resnet18@2x64"])
+    assert code == 0
+    data = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert data["cuda_tests"]["status"] == "skipped" and data["cuda_tests"]["tests"] >= 1
+    assert (tmp_path / "cuda_tests.xml").exists() and data["meta"]["amp"] == "bfloat16"
+    assert {r["model"] for r in data["inference"]} == set(gpu_suite.LATENCY_MODELS)
+    assert all(r["fold_rel_err"] <= 1e-5 for r in data["inference"])
+    modes = [(r["case"], r["mode"]) for r in data["training"]]
+    assert modes == [("yolov8n@2x64", "eager"), ("torchvision:resnet18@2x64", "eager"),
+                     ("torchvision:resnet18@2x64", "compiled (eager)")]
+    assert all(r["plain_step_ms"] > 0 and r["orepa_step_ms"] > 0 for r in data["training"])
+    assert all(r["blocks"] > 0 and r["extra_ops"] > 0 for r in data["ops"])
+    text = (tmp_path / "gpu_suite.md").read_text()
+    assert "| yolov8n@2x64 | eager |" in text and "## Ops a training step adds" in text
+    assert (tmp_path / "gpu_suite.png").stat().st_size > 10_000

@@ -35,12 +35,12 @@ def test_convert_and_fold_on_the_device_and_buffers_follow_to():
     _, model = converted_pair("cpu")
     model = randomise_bn(model).to(DEVICE)
     blocks = [m for m in model.modules() if isinstance(m, OREPAConv)]
-    assert all(b.tap_filters.device.type == "cuda" and b.pw_kxk_identity.device.type == "cuda" for b in blocks)
+    assert blocks and all(t.device.type == torch.device(DEVICE).type for b in blocks for t in (*b.buffers(), *b.parameters()))
     x, _ = batch(DEVICE)
     assert fold_error(model, x) <= 1e-5
     plain = randomise_bn(converted_pair(DEVICE)[0])
     convert_to_orepa(plain)  # conversion of a model that lives on the GPU
-    assert all(p.device.type == "cuda" for p in plain.parameters())
+    assert all(p.device.type == torch.device(DEVICE).type for p in plain.parameters())
 
 
 def test_fp32_and_tf32_training_steps_fold_exactly():
@@ -51,6 +51,9 @@ def test_fp32_and_tf32_training_steps_fold_exactly():
         x, y = batch(DEVICE)
         train_with_scaler(model, x, y, torch.float32, steps=2)
         assert all(torch.isfinite(p).all() for p in model.parameters())
+        # TF32 rounds each convolution's inputs, so the check that the fold is exact runs at full precision.
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.allow_tf32 = False
         assert fold_error(model, x) <= 1e-5, f"tf32={tf32}"
 
 
@@ -98,28 +101,31 @@ def test_training_step_reads_nothing_back_to_the_host():
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_compiled_training_equals_eager(mode):
+    """Each of three SGD steps of the compiled model (inductor; CUDA graphs with reduce-overhead) gives the loss
+    and gradients eager mode gives from the same state: a kernel generated once and replayed would not."""
     _, eager = converted_pair(DEVICE)
     compiled_model = copy.deepcopy(eager)
-    x, y = batch(DEVICE)
     compiled = torch.compile(compiled_model, mode=mode)
-    for model in (eager, compiled):
-        model.train()
-    losses = {}
-    for name, model in (("eager", eager), ("compiled", compiled)):
-        opt = torch.optim.SGD((eager if name == "eager" else compiled_model).parameters(), lr=0.01, momentum=0.9)
-        out = []
-        for _ in range(3):
-            if name == "compiled" and mode == "reduce-overhead":
-                torch.compiler.cudagraph_mark_step_begin()
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            out.append(loss.detach().clone())
-        losses[name] = torch.stack(out)
-    assert rel_err(losses["compiled"], losses["eager"]) <= 1e-4
-    for (n, p), q in zip(eager.named_parameters(), compiled_model.parameters()):
-        assert rel_err(q, p) <= 1e-4, n
+    opt = torch.optim.SGD(compiled_model.parameters(), lr=0.01, momentum=0.9)
+    x, y = batch(DEVICE)
+
+    def step(run, owner):
+        owner.train()
+        loss = torch.nn.functional.cross_entropy(run(x), y)
+        owner.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss.detach().clone(), {n: p.grad.detach().clone() for n, p in owner.named_parameters()}
+
+    for i in range(3):
+        eager.load_state_dict(compiled_model.state_dict())  # the same parameters and BN statistics
+        if mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        loss, grads = step(compiled, compiled_model)
+        want_loss, want_grads = step(eager, eager)
+        assert rel_err(loss, want_loss) <= 1e-4, f"step {i}"
+        for name, grad in want_grads.items():
+            assert rel_err(grads[name], grad) <= 1e-3, f"step {i}: {name}"
+        opt.step()
 
 
 def test_channels_last_trains_and_folds():
@@ -145,18 +151,23 @@ def test_ultralytics_amp_and_compile_training_folds_to_the_trained_model(tmp_pat
     data = make_dataset(tmp_path / "data", "detect", n_train=8, n_val=4)
     model = YOLO("yolov8n.yaml")
     convert_to_orepa(model)
+    used_amp = []
+    model.add_callback("on_train_start", lambda trainer: used_amp.append(bool(trainer.amp)))
     extra = {"compile": True} if "compile" in DEFAULT_CFG_DICT else {}
     model.train(data=str(data), epochs=1, imgsz=64, batch=4, workers=0, device=0, amp=True, plots=False,
                 project=str(tmp_path / "runs"), name="cuda", exist_ok=True, verbose=False, **extra)
+    assert used_amp == [True], "ultralytics' AMP check turned AMP off (see the log), so AMP was not exercised"
     best = tmp_path / "runs" / "cuda" / "weights" / "best.pt"
-    folded = YOLO(str(best)).model.float().to(DEVICE).eval()
+    from_file = YOLO(str(best)).model.float().to(DEVICE).eval()  # folded on save, stored in float16
     trained = YOLO(str(best))
-    convert_to_orepa(trained)  # the trained OREPA model the file carries
+    convert_to_orepa(trained)  # the trained OREPA model the file's record carries
     unfolded = trained.model.float().to(DEVICE).eval()
     assert sum(isinstance(m, OREPAConv) for m in unfolded.modules()) > 0
     x = torch.rand(2, 3, 64, 64, device=DEVICE)
+    first = lambda t: t[0] if isinstance(t, (list, tuple)) else t  # noqa: E731
     with torch.no_grad():
-        a, b = unfolded(x), folded(x)
-    a, b = (t[0] if isinstance(t, (list, tuple)) else t for t in (a, b))
-    assert rel_err(b, a) <= 1e-5
-    assert fold_orepa(copy.deepcopy(unfolded)) is not None
+        reference = first(unfolded(x))
+        folded_here = first(fold_orepa(copy.deepcopy(unfolded))(x))
+        stored = first(from_file(x))
+    assert rel_err(folded_here, reference) <= 1e-5
+    assert rel_err(stored, reference) <= 5e-3  # the file's weights are float16
