@@ -151,6 +151,18 @@ def test_learning_rate_selection_and_time_budget_plan(tmp_path):
         run_compare(CompareSettings(**{**settings.__dict__, "epochs": 5}), runner=_fake_runner([]), progress=False)
 
 
+@pytest.mark.parametrize("select_seeds", [(0,), (0, 1), (3,)])
+def test_progress_bar_counts_each_run_once(select_seeds, tmp_path, capsys):
+    calls: list[Job] = []
+    settings = CompareSettings(backend="ultralytics", model="m.yaml", data="d.yaml", project=str(tmp_path),
+                               seeds=(0, 1, 2), epochs=4, lrs=(0.01, 0.02, 0.04), select_seeds=select_seeds)
+    run_compare(settings, runner=_fake_runner(calls), has_test=True, progress=True)
+    n = len({j.key() for j in calls})
+    assert n == len(calls) == 3 * 2 + (3 * len(select_seeds) - len(set(select_seeds) & {0, 1, 2})) * 2
+    final = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert f"| {n}/{n} [" in final, final  # the bar ends full, not past its total
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

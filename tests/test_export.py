@@ -1,5 +1,6 @@
 """Exporting an unfolded converted model: TorchScript-based ONNX export and jit.trace record each block as its folded
-conv (the model's own numbers); jit.script refuses with one error that says to fold."""
+conv (the model's own numbers); jit.script refuses with one error that says to fold; torch.export and the default
+(dynamo) ONNX exporter, which cannot record the folded conv, warn to fold first."""
 
 from __future__ import annotations
 
@@ -93,3 +94,17 @@ def test_torch_export_of_training_mode_model_records_the_generation_without_warn
         program = torch.export.export(model, (x,))
     params = dict(program.named_parameters())
     assert any(name.endswith("weight_taps") for name in params)  # the branches are the program's parameters
+
+
+def test_default_dynamo_onnx_export_of_unfolded_model_warns_to_fold():
+    """torch.onnx.export's default (dynamo) exporter goes through torch.export: it warns, and the folded model
+    exports the plain graph without a warning."""
+    pytest.importorskip("onnxscript")
+    model = _converted_resnet18()
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.warns(UserWarning, match=r"torch.onnx.export\(dynamo=True\)"):
+        unfolded = torch.onnx.export(model, (x,), dynamo=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*unfolded OREPA.*")
+        folded = torch.onnx.export(fold_orepa(copy.deepcopy(model)), (x,), dynamo=True)
+    assert len(folded.model.graph) < len(unfolded.model.graph)

@@ -205,12 +205,15 @@ def run_compare(settings: CompareSettings, *, runner: Runner = run_in_subprocess
     variants, epochs = settings.variants, settings.epochs
     orepa = [v for v in variants if v != "plain"]
     bar = tqdm(desc="compare", unit="run", disable=not progress, total=_planned(settings))
+    counted: set[tuple] = set()  # a job asked for again (a selection run that is also a reported run) counts once
 
     def execute(job: Job) -> list[dict[str, Any]]:
         if not results.done(job):
             bar.set_postfix_str(job.name())
             results.add([{**r, "role": job.role} for r in runner(settings, job, project / "runs" / job.name())])
-        bar.update(1)
+        if job.key() not in counted:
+            counted.add(job.key())
+            bar.update(1)
         return results.records(job)
 
     plain_epochs = epochs
@@ -221,6 +224,8 @@ def run_compare(settings: CompareSettings, *, runner: Runner = run_in_subprocess
                          for v in orepa]
         plain_epochs = max(1, round(epochs * (sum(orepa_seconds) / len(orepa_seconds)) / timing))
         results.data["meta"]["plain_epochs"] = plain_epochs
+        if plain_epochs == epochs:  # the timing run is also a run of the comparison
+            bar.total -= 1
     epochs_of = {v: (plain_epochs if v == "plain" else epochs) for v in variants}
 
     if settings.selecting:
@@ -246,6 +251,7 @@ def run_compare(settings: CompareSettings, *, runner: Runner = run_in_subprocess
 
 
 def _planned(settings: CompareSettings) -> int:
+    """How many distinct runs the comparison makes (fresh or resumed)."""
     n = len(settings.variants)
     total = len(settings.seeds) * n
     if settings.selecting:  # a selection seed's run at the chosen rate is also its reported run

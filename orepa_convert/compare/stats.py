@@ -91,7 +91,6 @@ class VariantSummary:
         return statistics.fmean(known) if known else None
 
 
-
 def summarise(runs: Sequence[Mapping], metric: str, split: str,
               chosen: Mapping[str, tuple[float | None, int]]) -> list[VariantSummary]:
     """Summaries of the ``split`` records of ``runs`` for each variant at its chosen ``(lr, epochs)``, plain
