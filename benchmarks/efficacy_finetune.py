@@ -1,6 +1,6 @@
 """Fine-tuning efficacy, with the comparison harness: a plain yolov8n pretrained on generated task A is fine-tuned
-on a different generated task B, plain vs OREPA ``preserve``, each at its own learning rate (selected on the
-validation split), paired seeds, reported on B's held-out test split.
+on a different generated task B, plain vs OREPA ``preserve`` and ``preserve_live``, each at its own learning rate
+(selected on the validation split), paired seeds, reported on B's held-out test split.
 
     python benchmarks/efficacy_finetune.py --json docs/results/efficacy_finetune.json
 
@@ -55,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain-seed", type=int, default=0)
     parser.add_argument("--pretrain-n-train", type=int, default=600)
     parser.add_argument("--pretrain-n-val", type=int, default=100)
-    parser.add_argument("--variants", nargs="+", default=["plain", "preserve"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=["plain", "preserve", "preserve_live"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--select-seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--lrs", type=float, nargs="+", default=[0.002, 0.005, 0.01])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[0.005, 0.01, 0.02, 0.04])
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--imgsz", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)

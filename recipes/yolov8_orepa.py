@@ -24,6 +24,7 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 import torch
 
 from orepa_convert import OREPAConv, convert_to_orepa, fold_orepa
+from orepa_convert.config import INITS
 from orepa_convert.synthetic import make_dataset
 
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--init", choices=["preserve", "paper", "scratch"], default="preserve")
+    parser.add_argument("--init", choices=list(INITS), default="preserve")
     parser.add_argument("--optimizer", default="SGD", help="SGD, AdamW, MuSGD, ... (pick explicitly; see docs/yolo.md)")
     parser.add_argument("--project", default="runs/orepa")
     parser.add_argument("--name", default="train")
