@@ -6,7 +6,8 @@ step adds.
     python benchmarks/gpu_suite.py --out /tmp/suite --device cpu --tiny   # the same pipeline on the CPU (~1 minute)
 
 Writes ``gpu_suite.json``, ``gpu_suite.md`` and ``gpu_suite.png`` (training step and memory ratios) under
-``--out``, plus the CUDA tests' JUnit XML and log. It installs nothing: what is missing is reported and its part
+``--out``, plus the CUDA tests' JUnit XML and log; the JSON and Markdown are rewritten after every step, so a run
+cut short keeps what it measured. It installs nothing: what is missing is reported and its part
 skipped (ultralytics for the yolov8n cases and the ultralytics CUDA test; pytest for the tests; matplotlib for the
 plot). A bare GPU machine with torch, timm, onnx and onnxruntime runs everything but the yolov8n parts; bring an
 ultralytics wheel (``pip install --no-deps ultralytics-*.whl``) for those.
@@ -57,15 +58,20 @@ def requirements() -> dict[str, Any]:
     return {name: {"installed": available(name), "used_for": why} for name, why in needs.items()}
 
 
-def run_cuda_tests(out: Path, device: str) -> dict[str, Any]:
-    """``pytest tests/test_cuda.py`` in a subprocess; its counts from the JUnit XML."""
+def run_cuda_tests(out: Path, device: str, timeout_s: float = 360.0) -> dict[str, Any]:
+    """``pytest tests/test_cuda.py`` in a subprocess (stopped after ``timeout_s``); its counts from the JUnit XML."""
     if not available("pytest"):
         return {"status": "skipped", "reason": "pytest is not installed"}
     xml, log = out / "cuda_tests.xml", out / "cuda_tests.log"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else dict(os.environ)
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "tests/test_cuda.py", "-p", "no:cacheprovider", "-rfEs",
-                           f"--junitxml={xml}"], cwd=ROOT, capture_output=True, text=True, env=env, check=False)
+    command = [sys.executable, "-m", "pytest", "tests/test_cuda.py", "-p", "no:cacheprovider", "-rfEs", f"--junitxml={xml}"]
+    try:
+        proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, check=False, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        text = "".join(o.decode(errors="replace") if isinstance(o, bytes) else (o or "") for o in (exc.stdout, exc.stderr))
+        log.write_text(f"{text}\ntimed out after {timeout_s:g} s\n", encoding="utf-8")
+        return {"status": "failed", "reason": f"the CUDA tests did not finish within {timeout_s:g} s", "log": log.name}
     log.write_text(proc.stdout + proc.stderr, encoding="utf-8")
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     if xml.exists():
@@ -87,13 +93,14 @@ def _needs_ultralytics(spec: str) -> bool:
     return not spec.startswith(("torchvision:", "timm:"))
 
 
-def _models(spec: str, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+def _models(spec: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The plain model and its conversion (branch scales randomised), on the CPU."""
     from benchmarks.latency import randomise_scales
     from orepa_convert import convert_to_orepa
     from orepa_convert.models import build_model
 
     torch.manual_seed(0)
-    plain = build_model(spec).to(device)
+    plain = build_model(spec)
     orepa = convert_to_orepa(copy.deepcopy(plain))
     randomise_scales(orepa)
     return plain, orepa
@@ -123,11 +130,12 @@ def _step_fn(model: torch.nn.Module, x: torch.Tensor) -> Any:
 def training_case(case: str, device: torch.device, steps: int, compiled: bool, backend: str) -> dict[str, Any]:
     """Median AMP step time and peak memory of plain and OREPA for one case, eager or compiled."""
     spec, batch, imgsz = _parse_case(case)
-    plain, orepa = _models(spec, device)
+    plain, orepa = _models(spec)
     x = torch.randn(batch, 3, imgsz, imgsz, device=device)
     row: dict[str, Any] = {"case": case, "mode": f"compiled ({backend})" if compiled else "eager"}
-    for name, model in (("plain", plain), ("orepa", orepa)):
+    for name, model in (("plain", plain), ("orepa", orepa)):  # one model on the device at a time: fair peaks
         start = time.perf_counter()
+        model.to(device)
         run = torch.compile(model, backend=backend) if compiled else model
         step = _step_fn(run, x)
         step()  # warm-up (and compilation)
@@ -137,6 +145,10 @@ def training_case(case: str, device: torch.device, steps: int, compiled: bool, b
         row[f"{name}_first_step_s"] = time.perf_counter() - start
         row[f"{name}_step_ms"] = median_ms(step, device, warmup=1, iters=steps)
         row[f"{name}_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        del run, step
+        model.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     row["step_ratio"] = row["orepa_step_ms"] / row["plain_step_ms"]
     row["memory_ratio"] = row["orepa_peak_mb"] / row["plain_peak_mb"] if row["plain_peak_mb"] else None
     return row
@@ -168,6 +180,15 @@ def markdown(results: dict[str, Any]) -> str:
     if results["skipped"]:
         lines += ["", "## Skipped", ""] + [f"- {s}" for s in results["skipped"]]
     return "\n".join(lines) + "\n"
+
+
+def save(results: dict[str, Any], out: Path, begin: float) -> str:
+    """Write ``gpu_suite.json`` and ``gpu_suite.md`` as they stand; the Markdown text."""
+    results["seconds"] = time.perf_counter() - begin
+    (out / "gpu_suite.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    text = markdown(results)
+    (out / "gpu_suite.md").write_text(text, encoding="utf-8")
+    return text
 
 
 def plot(results: dict[str, Any], path: Path) -> bool:
@@ -206,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                         "--tiny, where an inductor compile alone takes minutes)")
     parser.add_argument("--budget-s", type=float, default=420.0, help="stop starting compiled cases after this many seconds")
     parser.add_argument("--skip-tests", action="store_true", help="do not run tests/test_cuda.py")
+    parser.add_argument("--tests-timeout-s", type=float, default=360.0, help="stop the CUDA tests after this many seconds")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here (use --device cpu --tiny for a dry run)")
@@ -228,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                  "amp": "float16 + GradScaler" if device.type == "cuda" else "bfloat16",
                  "command": " ".join(["python", "benchmarks/gpu_suite.py", *(argv if argv is not None else sys.argv[1:])]),
                  "requirements": reqs},
-        "cuda_tests": {"status": "skipped", "reason": "--skip-tests"} if args.skip_tests else run_cuda_tests(args.out, device.type),
+        "cuda_tests": {"status": "skipped", "reason": "--skip-tests"} if args.skip_tests else run_cuda_tests(args.out, device.type, args.tests_timeout_s),
         "inference": [], "training": [], "ops": [], "skipped": skipped,
     }
     from tqdm import tqdm
@@ -239,9 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     have_ultralytics = reqs["ultralytics"]["installed"]
     dtype = "fp16" if device.type == "cuda" else "fp32"
     latency_batch, latency_size = (1, 64) if args.tiny else (8, 640)
-    for spec in tqdm([m for m in LATENCY_MODELS if have_ultralytics or not _needs_ultralytics(m)], desc="inference", unit="model"):
+    models = [m for m in LATENCY_MODELS if have_ultralytics or not _needs_ultralytics(m)]
+    save(results, args.out, begin)  # after every step, so a run cut short still leaves what it measured
+    for spec in tqdm(models, desc="inference", unit="model"):
         size = latency_size if _needs_ultralytics(spec) or args.tiny else 224
         results["inference"].append(inference(spec, latency_batch, size, DTYPES[dtype], device, 2 if args.tiny else 5, iters))
+        save(results, args.out, begin)
+    for spec in models:
+        results["ops"].append(count_generation_ops(spec, imgsz=64, device=device))
     jobs = [(c, False) for c in cases] + [(c, True) for c in compile_cases]
     for case, compiled in tqdm(jobs, desc="training", unit="case"):
         if _needs_ultralytics(_parse_case(case)[0]) and not have_ultralytics:
@@ -250,14 +277,10 @@ def main(argv: list[str] | None = None) -> int:
             skipped.append(f"{case} compiled: past the {args.budget_s:.0f} s budget")
             continue
         results["training"].append(training_case(case, device, steps, compiled, args.compile_backend))
-    for spec in [m for m in LATENCY_MODELS if have_ultralytics or not _needs_ultralytics(m)]:
-        results["ops"].append(count_generation_ops(spec, imgsz=64, device=device))
+        save(results, args.out, begin)
     if not available("matplotlib"):
         skipped.append("matplotlib not installed: no gpu_suite.png")
-    results["seconds"] = time.perf_counter() - begin
-    (args.out / "gpu_suite.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    text = markdown(results)
-    (args.out / "gpu_suite.md").write_text(text, encoding="utf-8")
+    text = save(results, args.out, begin)
     plot(results, args.out / "gpu_suite.png")
     print(text)
     return 1 if results["cuda_tests"]["status"] == "failed" else 0
