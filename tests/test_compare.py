@@ -163,6 +163,22 @@ def test_progress_bar_counts_each_run_once(select_seeds, tmp_path, capsys):
     assert f"| {n}/{n} [" in final, final  # the bar ends full, not past its total
 
 
+def test_progress_bar_with_a_time_budget_that_keeps_plain_epochs(tmp_path, capsys):
+    """OREPA as fast as plain: plain keeps its epochs, so the timing run is one of the comparison's runs."""
+    calls: list[Job] = []
+    fake = _fake_runner(calls)
+
+    def same_speed(settings, job, run_dir):
+        return [{**r, "wall_seconds": float(job.epochs)} for r in fake(settings, job, run_dir)]
+
+    settings = CompareSettings(backend="ultralytics", model="m.yaml", data="d.yaml", project=str(tmp_path),
+                               seeds=(0, 1), epochs=4, lrs=(0.01,), budget="time")
+    data = run_compare(settings, runner=same_speed, has_test=True, progress=True)
+    assert data["epochs_of"] == {"plain": 4, "preserve": 4} and len(calls) == 4
+    final = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "| 4/4 [" in final, final
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
