@@ -9,7 +9,8 @@ patched. How it hooks in:
   (:class:`OREPADetectionTrainer`, ...: plain class statements, importable by path, which ultralytics' DDP
   launcher needs). An OREPA trainer rebuilds the OREPA structure whenever ultralytics rebuilds the model, from
   the conversion record (:mod:`orepa_convert.state`) of the model it starts from; it keeps the per-channel
-  scales out of weight decay for every optimizer ultralytics builds.
+  scales out of weight decay for every optimizer ultralytics builds. A multi-GPU launch hands its workers the
+  model it built in a file (:class:`WorkerHandOff`), so every worker trains exactly the user's conversion.
 - **Checkpoints stock tools can use.** The trainer saves the *folded* EMA model in ``last.pt``/``best.pt``, so
   ``yolo val/predict/export model=best.pt`` and ``YOLO("best.pt").train(...)`` work without orepa_convert
   (every tensor transfers: the file's model is the plain architecture). The OREPA training state rides along as
@@ -129,6 +130,10 @@ def has_blocks(model: Any) -> bool:
     return isinstance(model, nn.Module) and any(isinstance(m, OREPAConv) for m in model.modules())
 
 
+def count_blocks(model: nn.Module) -> int:
+    return sum(isinstance(m, OREPAConv) for m in model.modules())
+
+
 def _drop_legacy_record(model: Any) -> None:
     if isinstance(getattr(model, "yaml", None), dict):
         model.yaml.pop(LEGACY_KEY, None)
@@ -198,6 +203,11 @@ class OREPATrainerMixin:
                  orepa_start: nn.Module | None = None) -> None:
         overrides = {k: v for k, v in (overrides or {}).items() if k != LEGACY_KEY}
         self._orepa_start = orepa_start  # the in-memory model the user converted (e.g. built from a YAML)
+        self._orepa_handoff: WorkerHandOff | None = None
+        if is_handoff_file(overrides.get("model")):  # a DDP worker: train exactly what the launching process built
+            self._orepa_handoff = WorkerHandOff.read(overrides["model"])
+            self._orepa_start = self._orepa_handoff.model
+            overrides["model"] = self._orepa_handoff.user_model  # args, args.yaml and checkpoints name the user's model
         if cfg is None:
             from ultralytics.utils import DEFAULT_CFG
 
@@ -230,12 +240,25 @@ class OREPATrainerMixin:
         _drop_legacy_record(model)
         return model
 
+    def setup_model(self) -> Any:
+        """Ultralytics' model set-up; a DDP worker takes the model the launching process handed over as it is."""
+        handoff = self._orepa_handoff
+        if handoff is None:
+            return super().setup_model()  # type: ignore[misc]
+        self.args.model = handoff.user_model  # type: ignore[attr-defined]  # old worker scripts set it to the file
+        self.model = handoff.model
+        return None
+
     def train(self) -> Any:
-        """Ultralytics' training; before it launches multi-GPU workers, hand them this trainer's model
-        (:meth:`hand_off_to_workers`)."""
-        if self.launches_workers():
-            self.hand_off_to_workers()
-        return super().train()  # type: ignore[misc]
+        """Ultralytics' training. A process about to launch multi-GPU workers first builds the model they must
+        train, exactly as a single process would, and hands it to them in a file (:class:`WorkerHandOff`)."""
+        handoff = self._hand_off_to_workers() if self.launches_workers() else None
+        try:
+            return super().train()  # type: ignore[misc]
+        finally:
+            if handoff is not None:
+                self.args.model = handoff.user_model  # type: ignore[attr-defined]
+                handoff.remove()
 
     def launches_workers(self) -> bool:
         """Whether ``train()`` will start DDP worker processes (this is the launching process of a multi-GPU run)."""
@@ -245,21 +268,27 @@ class OREPATrainerMixin:
             return bool(self.ddp)
         return _world_size(self.args.device) > 1  # type: ignore[attr-defined]  # < 8.4 decides in train()
 
-    def hand_off_to_workers(self) -> Path | None:
-        """Write the model this trainer trains (its OREPA conversion and weights, folded and carrying its OREPA
-        state) to ``weights/orepa_start.pt`` and point ``args.model`` at it, so that every DDP worker trains
-        exactly that conversion. Ultralytics before 8.4.140 rebuilds each worker's trainer from its arguments
-        (the model's file name) and would convert with the default config; later versions pickle the model into
-        the workers and use it as it is. Returns the file, or ``None`` when there is no OREPA model to hand over."""
-        model = self.model if isinstance(self.model, nn.Module) else self._orepa_start  # type: ignore[has-type]
-        if not has_blocks(model):
+    def _hand_off_to_workers(self) -> WorkerHandOff | None:
+        """Build the model this run trains (what a single process would build: the user's conversion and
+        weights, ``pretrained`` applied), write it for the workers and point ``args.model`` at the file.
+
+        Workers are rebuilt from the trainer's arguments: ultralytics before 8.4.140 passes nothing else, later
+        versions also pass ``trainer.model``, which for a model built from a YAML is still its file name. So the
+        arguments must name the model, and the file lives outside the run folder, which the launch deletes.
+        A resumed run needs nothing: its checkpoint carries the OREPA state."""
+        if self.resume:  # type: ignore[attr-defined]
             return None
-        path = Path(self.wdir) / "orepa_start.pt"  # type: ignore[attr-defined]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": fold_carrying_state(model), "train_args": {}}, path)
-        self.args.model = str(path)  # type: ignore[attr-defined]
-        logger.info("OREPA: DDP workers start from %s (%d blocks)", path, sum(isinstance(m, OREPAConv) for m in model.modules()))
-        return path
+        given = self.model  # type: ignore[has-type]
+        built = given if isinstance(given, nn.Module) else None
+        if built is None:
+            self.setup_model()
+            built, self.model = self.model, given  # type: ignore[has-type]
+        if not has_blocks(built):
+            return None
+        handoff = WorkerHandOff.write(built, user_model=self.args.model)  # type: ignore[attr-defined]
+        self.args.model = str(handoff.path)  # type: ignore[attr-defined]
+        logger.info("OREPA: DDP workers start from %s (%d blocks)", handoff.path, count_blocks(built))
+        return handoff
 
     def build_optimizer(self, model: nn.Module, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         """Ultralytics' optimizer, with every OREPA scale vector moved into a no-decay group (like BN weights)."""
@@ -396,7 +425,8 @@ def orepa_trainer(base: type) -> type:
 
 class TrainerRouter:
     """Stands in for ``_smart_load`` on one converted ``YOLO`` object: the trainer it finds is the OREPA
-    version, started from the object's in-memory model when it was not loaded from a checkpoint."""
+    version, started from the object's in-memory OREPA model (its conversion is kept with ``pretrained=False``,
+    whether the object was built from a YAML or loaded from a checkpoint)."""
 
     def __init__(self, wrapper: Model) -> None:
         self.wrapper = wrapper
@@ -405,11 +435,57 @@ class TrainerRouter:
         found = type(self.wrapper)._smart_load(self.wrapper, key)
         if key != "trainer":
             return found
-        start = None if self.wrapper.ckpt else self.wrapper.model
+        start = self.wrapper.model if has_blocks(self.wrapper.model) else None
         return functools.partial(orepa_trainer(found), orepa_start=start)
 
 
 # ---------------------------------------------------------------------------------------------- files
+
+
+HANDOFF_SUFFIX = ".orepa-ddp-start.pt"
+
+
+def is_handoff_file(model: Any) -> bool:
+    return isinstance(model, (str, os.PathLike)) and str(model).endswith(HANDOFF_SUFFIX)
+
+
+class WorkerHandOff:
+    """The model a multi-GPU run trains, passed from the launching process to its DDP workers in a file.
+
+    The file sits beside ultralytics' own worker scripts (``USER_CONFIG_DIR/DDP``), outside the run folder,
+    holds the model folded and carrying its OREPA state (exact float32 weights) and the model name the user gave,
+    and is removed by the launching process when the workers are done."""
+
+    def __init__(self, path: Path, model: nn.Module, user_model: Any) -> None:
+        self.path, self.model, self.user_model = path, model, user_model
+
+    @classmethod
+    def write(cls, model: nn.Module, user_model: Any) -> WorkerHandOff:
+        from ultralytics.utils import USER_CONFIG_DIR
+
+        folder = Path(USER_CONFIG_DIR) / "DDP"
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=folder, prefix="_orepa_", suffix=HANDOFF_SUFFIX)
+        os.close(fd)
+        path = Path(name)
+        torch.save({"model": fold_carrying_state(model), "user_model": user_model}, path)
+        return cls(path, model, user_model)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> WorkerHandOff:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"OREPA: the model handed to this DDP worker is gone ({path}); the launching process removes it "
+                f"when its workers end: start the run again from the launching process"
+            )
+        data = torch.load(path, map_location="cpu", weights_only=False)  # written by this process' launcher
+        return cls(path, unfold_carried(data["model"]), data["user_model"])
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 
 
 def fold_checkpoint(source: str | os.PathLike, destination: str | os.PathLike) -> Path:

@@ -332,9 +332,13 @@ def test_1x1_blocks_train_and_ride_in_stock_checkpoints(tmp_path):
     assert rel_err(_outputs(model.model, x), before) <= 1e-5
 
 
-def test_pretrained_false_drops_the_start_weights_but_keeps_its_conversion(tmp_path):
+@pytest.mark.parametrize("start", ["yaml", "pt"])
+def test_pretrained_false_drops_the_start_weights_but_keeps_its_conversion(start, tmp_path):
     data = make_dataset(tmp_path / "data", "detect", n_train=4, n_val=2)
     model = YOLO("yolov8n.yaml")
+    if start == "pt":
+        torch.save({"model": copy.deepcopy(model.model).half(), "train_args": {}}, tmp_path / "plain.pt")
+        model = YOLO(str(tmp_path / "plain.pt"))
     convert_to_orepa(model, init="scratch", branches=("origin", "pw", "dws"))
     model.train(data=str(data), epochs=1, pretrained=False, project=str(tmp_path / "runs"), name="scratch", **TRAIN)
     state = carried_state(torch.load(tmp_path / "runs" / "scratch" / "weights" / "last.pt", weights_only=False)["model"])
@@ -343,34 +347,143 @@ def test_pretrained_false_drops_the_start_weights_but_keeps_its_conversion(tmp_p
     assert len(group["paths"]) == 39
 
 
-def test_ddp_worker_script_trains_the_conversion_the_user_made(tmp_path):
-    """Ultralytics' own multi-GPU worker script (run as one CPU process) trains exactly the user's conversion: on
-    ultralytics < 8.4.140 it rebuilds the trainer from its arguments, so the trainer hands it a checkpoint."""
-    from ultralytics.utils.dist import generate_ddp_file
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """``model.train(...)`` as on a machine with two GPUs, replacing only what this one lacks.
 
-    data = make_dataset(tmp_path / "data", "detect")
-    model = YOLO("yolov8n.yaml")
-    convert_to_orepa(model, kernel_sizes=(1, 3), init="scratch")  # not the default config: more blocks (57, not 39)
-    expected = _blocks(model.model)
-    assert expected > inspect_model(YOLO("yolov8n.yaml")).converted  # what the default config would convert
-    args = {**model.overrides, **TRAIN, "data": str(data), "epochs": 1, "project": str(tmp_path / "runs"), "name": "ddp",
-            "mode": "train"}
-    trainer = model._smart_load("trainer")(overrides=args, _callbacks=model.callbacks)
-    trainer.model = trainer.get_model(weights=None, cfg=model.model.yaml)  # as Model.train() does before train()
-    assert not trainer.launches_workers()  # device=cpu here; with device="0,1" train() hands off, then launches
-    start = trainer.hand_off_to_workers()
-    assert start is not None and trainer.args.model == str(start)
-    script = generate_ddp_file(trainer)
-    try:
-        proc = subprocess.run([sys.executable, script], cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    finally:
-        for leftover in (Path(script), Path(script).with_suffix(".pt")):
-            leftover.unlink(missing_ok=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = torch.load(Path(trainer.wdir) / "last.pt", map_location="cpu", weights_only=False)
-    record = carried_state(ckpt.get("ema") or ckpt["model"])["orepa_state"]
-    assert len(state_paths(record)) == expected
-    assert {g["config"]["init"] for g in record["groups"]} == {"scratch"}
+    - The launcher decision: the trainer ``Model.train()`` builds (on ``device="cpu"``) is told it launches a
+      2-process run, as ultralytics decides for ``device="0,1"``: ``ddp``/``world_size`` on 8.4, which decides in
+      ``__init__``; ``args.device`` on 8.3, which decides in ``train()`` from it.
+    - The launch: ultralytics' ``torch.distributed.run`` command for its generated worker script becomes one CPU
+      process running that script (with ``device`` back to ``cpu`` where 8.3 wrote ``0,1`` into it). A real
+      2-process gloo run is not possible unpatched: ultralytics' worker set-up calls ``torch.cuda.set_device``.
+
+    Everything between (``Model.train()``, the trainer, ``generate_ddp_command`` deleting the run folder, the
+    worker script rebuilding its trainer) is ultralytics' own code. Yields the finished worker processes."""
+    from ultralytics.engine import trainer as engine
+
+    launched: list[subprocess.CompletedProcess] = []
+    base_init = engine.BaseTrainer.__init__
+
+    def init(self, *args, **kwargs):
+        base_init(self, *args, **kwargs)
+        if hasattr(self, "ddp"):
+            self.ddp, self.world_size = True, 2
+        else:
+            self.args.device = "0,1"
+
+    def launch(cmd, check=False, **kwargs):
+        assert "torch.distributed.run" in cmd and cmd[cmd.index("--nproc_per_node") + 1] == "2", cmd
+        script = Path(cmd[-1])
+        script.write_text(script.read_text().replace("'device': '0,1'", "'device': 'cpu'"))
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
+        launched.append(proc)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        return proc
+
+    monkeypatch.setattr(engine.BaseTrainer, "__init__", init)
+    monkeypatch.setattr(engine, "subprocess", type(sys)("subprocess_launch"), raising=True)
+    engine.subprocess.run = launch
+    yield launched
+
+
+def _record(checkpoint: Path) -> dict:
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    return carried_state(ckpt.get("ema") or ckpt["model"])
+
+
+FROZEN = dict(optimizer="SGD", lr0=0.0, warmup_epochs=0, weight_decay=0.0)  # learning rate 0: the weights stay put
+
+
+def _yaml_for(data: Path, folder: Path) -> str:
+    """yolov8n's YAML with the dataset's number of classes (ultralytics would rebuild the head for it otherwise,
+    and the rebuilt head's blocks start afresh in any run, DDP or not)."""
+    import yaml
+    from ultralytics.nn.tasks import yaml_model_load
+
+    cfg = yaml_model_load("yolov8n.yaml")
+    cfg["nc"] = len(yaml.safe_load(data.read_text())["names"])
+    path = folder / "yolov8n.yaml"
+    path.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k != "yaml_file"}))
+    return str(path)
+
+
+def _perturbed_conversion(model: YOLO) -> dict[str, torch.Tensor]:
+    """Convert with a non-default config (57 blocks; the default makes 39) and move every block tensor off what
+    any conversion would initialise, so that only the user's own model can reproduce them; returns them."""
+    convert_to_orepa(model, kernel_sizes=(1, 3), init="scratch")
+    assert _blocks(model.model) > inspect_model(YOLO("yolov8n.yaml")).converted
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for m in model.model.modules():
+            if isinstance(m, OREPAConv):
+                for p in m.parameters():
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+    from orepa_convert.state import block_state_dict
+
+    return {k: v.clone() for k, v in block_state_dict(model.model).items()}
+
+
+def _assert_trained_blocks(record: dict, expected: dict[str, torch.Tensor]) -> None:
+    """The run trained exactly the user's blocks: same paths and config, and (learning rate 0) the same tensors,
+    up to the float16 rounding of ultralytics' checkpoints (relative 2**-11) and the EMA's float32 arithmetic."""
+    paths = state_paths(record["orepa_state"])
+    assert len(paths) == len({k.rsplit(".", 1)[0] for k in expected if k.endswith(".scales")})
+    assert {g["config"]["init"] for g in record["orepa_state"]["groups"]} == {"scratch"}
+    assert record["blocks"].keys() == expected.keys()
+    for k, v in expected.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(record["blocks"][k].float(), v, rtol=2.0**-10, atol=2.0**-24, msg=k)
+
+
+@pytest.mark.parametrize("start", ["yaml", "pt"])
+def test_multi_gpu_training_trains_the_users_conversion(start, tmp_path, two_gpus):
+    """``model.train(...)`` launching ultralytics' DDP workers trains the model the user converted (blocks,
+    config, weights), from a model built from a YAML and from a ``.pt``; ultralytics deletes the run folder
+    before it launches, and the hand-off file does not live there."""
+    data = make_dataset(tmp_path / "data", "detect", n_train=4, n_val=2)
+    model = YOLO(_yaml_for(data, tmp_path))
+    if start == "pt":
+        torch.save({"model": copy.deepcopy(model.model).half(), "train_args": {}}, tmp_path / "plain.pt")  # as a .pt
+        model = YOLO(str(tmp_path / "plain.pt"))
+    expected = _perturbed_conversion(model)
+    model.train(data=str(data), epochs=1, project=str(tmp_path / "runs"), name="ddp", **{**TRAIN, **FROZEN})
+    assert len(two_gpus) == 1, "ultralytics launched its workers"
+    wdir = tmp_path / "runs" / "ddp" / "weights"
+    _assert_trained_blocks(_record(wdir / "last.pt"), expected)
+    assert sorted(p.name for p in wdir.iterdir()) == ["best.pt", "last.pt"]  # nothing of ours left in the run
+    args = torch.load(wdir / "last.pt", map_location="cpu", weights_only=False)["train_args"]
+    assert Path(args["model"]).name == ("plain.pt" if start == "pt" else "yolov8n.yaml")  # the user's model name
+    from ultralytics.utils import USER_CONFIG_DIR
+
+    assert not list((Path(USER_CONFIG_DIR) / "DDP").glob(f"*{ul.HANDOFF_SUFFIX}")), "the hand-off file is removed"
+    convert_to_orepa(model)  # the object holds best.pt: the trained OREPA model comes back
+    assert _blocks(model.model) == len(state_paths(_record(wdir / "best.pt")["orepa_state"]))
+
+
+def test_multi_gpu_resume_resumes_the_orepa_model(tmp_path, two_gpus):
+    """An interrupted multi-GPU run (its epoch-1 checkpoint of 2), resumed as documented, with the workers
+    launched again: they continue from the OREPA model the checkpoint carries."""
+    data = make_dataset(tmp_path / "data", "detect", n_train=4, n_val=2)
+    model = YOLO(_yaml_for(data, tmp_path))
+    expected = _perturbed_conversion(model)
+    model.train(data=str(data), epochs=2, save_period=1, project=str(tmp_path / "runs"), name="ddp",
+                **{**TRAIN, **FROZEN})
+    wdir = tmp_path / "runs" / "ddp" / "weights"
+    interrupted = tmp_path / "interrupted.pt"
+    shutil.copy(wdir / "epoch0.pt", interrupted)  # as if the run had stopped after epoch 1
+    ckpt = torch.load(interrupted, map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] == 0 and ckpt["optimizer"] is not None
+    csv = tmp_path / "runs" / "ddp" / "results.csv"
+    epochs = lambda: [int(float(r.split(",")[0])) for r in csv.read_text().strip().splitlines()[1:]]  # noqa: E731
+    assert epochs() == [1, 2]
+    resumed = YOLO(str(interrupted))
+    convert_to_orepa(resumed)
+    resumed.train(resume=True, **{k: v for k, v in TRAIN.items() if k in ("workers", "device")})
+    assert len(two_gpus) == 2
+    assert epochs() == [1, 2, 2]  # the resumed workers trained epoch 2 again, from the epoch-1 checkpoint
+    _assert_trained_blocks(_record(wdir / "last.pt"), expected)
 
 
 def test_multi_gpu_launch_rule_of_old_ultralytics():
