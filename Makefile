@@ -8,7 +8,7 @@ export YOLO_OFFLINE := 1
 ULTRALYTICS_OLDEST ?= 8.3.0
 OLDEST_DIR := .ultralytics-$(ULTRALYTICS_OLDEST)
 
-.PHONY: setup demo test test-ultralytics-oldest
+.PHONY: setup demo test test-portable test-ultralytics-oldest
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,16 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# The numeric tests with another CPU's kernels: torch's portable (default) and AVX2 code paths, one thread (other
+# reduction orders), as a machine without AVX-512, or with other float16 kernels, would run them.
+NUMERIC_TESTS ?= tests/test_kernels.py tests/test_block.py tests/test_pointwise.py tests/test_fold.py \
+	tests/test_convert.py tests/test_state.py tests/test_tracing.py tests/test_ahead.py tests/test_training.py \
+	tests/test_compile.py tests/test_amp.py tests/test_fx.py tests/test_export.py
+test-portable: setup
+	for cap in default avx2; do \
+		ATEN_CPU_CAPABILITY=$$cap OMP_NUM_THREADS=1 $(PY) -m pytest $(NUMERIC_TESTS) || exit 1; \
+	done
 
 # The YOLO workflow tests (single process and ultralytics' own DDP worker script) on the oldest ultralytics the
 # package declares, installed beside the environment (not into it); see docs/yolo.md.

@@ -1,5 +1,6 @@
-"""Mixed precision on the CPU (the paths GPUs take, run where every session can): autocast float16 with a
-GradScaler and bfloat16 keep OREPA training finite and as close to fp32 as plain training is; a scaler step
+"""Mixed precision on the CPU (the paths GPUs take, run where every session can): under autocast float16 or
+bfloat16 every block computes exactly what the plain conv of its kernel computes, and training stays finite; a
+scaler step
 skipped on overflow leaves the blocks untouched; the trained model folds exactly."""
 
 from __future__ import annotations
@@ -7,20 +8,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from amp_checks import amp_error, batch, converted_pair, fold_error, train_with_scaler
+from amp_checks import autocast_finite, batch, blocks_under_autocast_are_plain_convs, converted_pair, fold_error, train_with_scaler
 from orepa_convert import OREPAConv
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_autocast_step_is_finite_and_as_close_to_fp32_as_plain(dtype):
+def test_autocast_runs_only_the_convolutions_in_low_precision_exactly_as_plain_convs(dtype):
+    """Generation runs in float32 with autocast off, so under autocast each block is exactly the plain conv of its
+    kernel (output and parameter gradients bitwise equal; see ``blocks_under_autocast_are_plain_convs``), and a
+    whole autocast step of the converted model is finite, as the plain model's is. No bound here is taken from
+    a measured error: how close a low-precision network comes to float32 depends on the CPU's or GPU's float16
+    kernels, and is the same for an OREPA block as for the conv it equals."""
     plain, orepa = converted_pair("cpu")
     x, y = batch("cpu")
-    plain_loss, plain_grad, plain_finite = amp_error(plain, x, y, dtype)
-    loss_err, grad_err, finite = amp_error(orepa, x, y, dtype)
-    assert finite and plain_finite
-    # generation runs in fp32 with autocast off: only the convolutions are low precision, as in the plain model
-    assert loss_err <= 3 * plain_loss + 1e-3
-    assert grad_err <= 3 * plain_grad + 1e-2
+    assert blocks_under_autocast_are_plain_convs(orepa, x, dtype) == 17  # every kxk conv of resnet18
+    assert autocast_finite(orepa, x, y, dtype) and autocast_finite(plain, x, y, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

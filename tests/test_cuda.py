@@ -12,7 +12,14 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("CUDA is not available (these tests run on a GPU machine)", allow_module_level=True)
 
-from amp_checks import amp_error, batch, converted_pair, fold_error, train_with_scaler  # noqa: E402
+from amp_checks import (  # noqa: E402
+    autocast_finite,
+    batch,
+    blocks_under_autocast_are_plain_convs,
+    converted_pair,
+    fold_error,
+    train_with_scaler,
+)
 from models import randomise_bn  # noqa: E402
 from offline import rel_err  # noqa: E402
 from orepa_convert import OREPAConv, convert_to_orepa, fold_orepa  # noqa: E402
@@ -58,13 +65,13 @@ def test_fp32_and_tf32_training_steps_fold_exactly():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_amp_step_is_finite_and_as_close_to_fp32_as_plain(dtype):
+def test_amp_blocks_are_plain_convs_of_fp32_kernels_and_training_folds_exactly(dtype):
+    """Under CUDA autocast each block is bitwise the plain conv of its float32 kernel (cuDNN deterministic), a step
+    is finite, and AMP training folds exactly (see tests/test_amp.py for why no bound comes from a measured error)."""
     plain, orepa = converted_pair(DEVICE)
     x, y = batch(DEVICE)
-    plain_loss, plain_grad, plain_finite = amp_error(plain, x, y, dtype)
-    loss_err, grad_err, finite = amp_error(orepa, x, y, dtype)
-    assert finite and plain_finite
-    assert loss_err <= 3 * plain_loss + 1e-3 and grad_err <= 3 * plain_grad + 1e-2
+    assert blocks_under_autocast_are_plain_convs(orepa, x, dtype) == 17
+    assert autocast_finite(orepa, x, y, dtype) and autocast_finite(plain, x, y, dtype)
     train_with_scaler(orepa, x, y, dtype, steps=3)
     assert fold_error(orepa, x) <= 1e-5
 

@@ -85,25 +85,30 @@ def test_train_writes_stock_checkpoints_that_carry_the_orepa_state(trained):
     assert rel_err(_outputs(restored.model, x), folded_out) <= 1e-2
 
 
-def test_scales_get_no_weight_decay_with_every_optimizer(trained):
-    model, data, root, _ = trained
-    trainer_cls = ul.orepa_trainer(model.task_map["detect"]["trainer"])
-    try:
-        from ultralytics.optim import MuSGD  # noqa: F401  (newer ultralytics only)
+@pytest.mark.parametrize("optimizer", ["SGD", "AdamW", "MuSGD"])
+def test_scales_get_no_weight_decay_with_every_optimizer(optimizer, tmp_path):
+    """``model.train(optimizer=...)``: the optimizer ultralytics builds keeps every OREPA scale vector out of
+    weight decay and still holds every parameter of the model it trains."""
+    if optimizer == "MuSGD" and not hasattr(pytest.importorskip("ultralytics.optim"), "MuSGD"):
+        pytest.skip("this ultralytics has no MuSGD")
+    data = make_dataset(tmp_path / "data", "detect", n_train=4, n_val=2)
+    model = YOLO("yolov8n.yaml")
+    convert_to_orepa(model)
+    seen = {}
 
-        muon: tuple[str, ...] = ("MuSGD",)
-    except ImportError:
-        muon = ()
-    for name in ("SGD", "AdamW", *muon):
-        trainer = trainer_cls(overrides={"model": "yolov8n.yaml", "data": str(data), "optimizer": name,
-                                         "project": str(root / "runs"), "name": "opt", "exist_ok": True})
-        net = copy.deepcopy(_reload(root).model).train()
-        opt = trainer.build_optimizer(net, name=name, lr=0.01, momentum=0.9, decay=5e-4)
-        scales = {id(p) for m in net.modules() if isinstance(m, OREPAConv)
-                  for n, p in m.named_parameters(recurse=False) if n == "scales"}
-        decayed = {id(p) for g in opt.param_groups if g["weight_decay"] for p in g["params"]}
-        assert scales and not scales & decayed, name
-        assert sum(len(g["params"]) for g in opt.param_groups) == len(list(net.parameters()))
+    def inspect_optimizer(trainer):
+        net = trainer.model
+        seen["scales"] = {id(m.scales) for m in net.modules() if isinstance(m, OREPAConv)}
+        seen["decayed"] = {id(p) for g in trainer.optimizer.param_groups if g["weight_decay"] for p in g["params"]}
+        seen["held"] = sum(len(g["params"]) for g in trainer.optimizer.param_groups)
+        seen["params"] = len(list(net.parameters()))
+
+    model.add_callback("on_train_start", inspect_optimizer)
+    model.train(data=str(data), epochs=1, optimizer=optimizer, weight_decay=5e-4, project=str(tmp_path / "runs"),
+                name="opt", **TRAIN)
+    assert len(seen["scales"]) == 39 and not seen["scales"] & seen["decayed"]
+    assert seen["decayed"], "weight decay is on for the other weights"
+    assert seen["held"] == seen["params"]
 
 
 def test_val_and_predict_on_unfolded_model_use_a_cached_folded_copy_then_fold_gives_same_results(trained, tmp_path):
