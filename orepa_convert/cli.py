@@ -110,6 +110,10 @@ def _train_arg(text: str) -> tuple[str, object]:
 def _compare(args: argparse.Namespace) -> int:
     from .compare import CompareSettings, run_all
 
+    if args.pool:
+        return _pool(args)
+    if args.project is None:
+        args.project = Path("runs/compare")
     if args.timm:
         if args.model or args.data:
             raise ValueError("give either MODEL --data DATA (ultralytics) or --timm NAME --data-dir DIR, not both")
@@ -136,6 +140,18 @@ def _compare(args: argparse.Namespace) -> int:
     project = Path(args.project)
     print((project / "compare.md").read_text(encoding="utf-8"))
     print(f"wrote {project / 'compare.json'}, {project / 'compare.md'}, {project / 'compare.png'}")
+    return 0
+
+
+def _pool(args: argparse.Namespace) -> int:
+    from .compare.pool import write_pool
+
+    if args.model or args.data or args.timm or args.data_dir:
+        raise ValueError("--pool reads finished comparisons: give only the study folders (and --project, --effect)")
+    project = args.project or Path("runs/pool")
+    write_pool(args.pool, project, effect=args.effect)
+    print((project / "pool.md").read_text(encoding="utf-8"))
+    print(f"wrote {project / 'pool.json'}, {project / 'pool.md'}, {project / 'pool.png'}")
     return 0
 
 
@@ -213,7 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seeds of the learning-rate selection runs (default: the first of --seeds)")
     c.add_argument("--budget", choices=["epochs", "time"], default="epochs",
                    help="equal epochs (default), or equal wall time: plain gets the epochs that match OREPA's measured time")
-    c.add_argument("--project", type=Path, default=Path("runs/compare"), help="output folder (resumes if it has compare.json)")
+    c.add_argument("--project", type=Path, help="output folder (resumes if it has compare.json; default runs/compare, "
+                   "runs/pool with --pool)")
+    c.add_argument("--pool", nargs="+", type=Path, metavar="DIR",
+                   help="pool finished comparisons (their folders, one task each) into one random-effects verdict: "
+                        "pool.json, pool.md and a forest plot pool.png in --project")
+    c.add_argument("--effect", choices=["raw", "standardised"], default="raw",
+                   help="with --pool: pool raw metric differences, or per-task standardised paired differences")
     c.add_argument("--batch", type=int, help="batch size (passed to the trainer)")
     c.add_argument("--device", help="device, e.g. 0, cpu, cuda (passed to the trainer)")
     c.add_argument("--workers", type=int, help="data loader workers (passed to the trainer)")
