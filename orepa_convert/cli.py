@@ -9,28 +9,31 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
-from .config import INITS, OREPAConfig
+from .config import INITS
 from .convert import inspect_model
 from .models import build_model
 
 
-def _config_from_args(args: argparse.Namespace) -> OREPAConfig:
-    kernel_sizes = tuple(args.kernel_sizes) if args.kernel_sizes else None
-    return OREPAConfig(
-        init=args.init,
-        include=tuple(args.include or ()),
-        exclude=tuple(args.exclude or ()),
-        kernel_sizes=kernel_sizes,
-        min_channels=args.min_channels,
-        depthwise=not args.no_depthwise,
-    )
+def _overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields the user set on the command line (a model carrying a trained state is restored unless
+    one of them says otherwise)."""
+    given = {
+        "init": args.init,
+        "include": tuple(args.include) if args.include else None,
+        "exclude": tuple(args.exclude) if args.exclude else None,
+        "kernel_sizes": tuple(args.kernel_sizes) if args.kernel_sizes else None,
+        "min_channels": args.min_channels or None,
+        "depthwise": False if args.no_depthwise else None,
+    }
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _inspect(args: argparse.Namespace) -> int:
     model = build_model(args.model)
-    report = inspect_model(model, _config_from_args(args))
+    report = inspect_model(model, **_overrides_from_args(args))
     if args.json:
         text = json.dumps(report.to_dict(), indent=2, default=str)
         if args.json == "-":
@@ -156,7 +159,7 @@ def _pool(args: argparse.Namespace) -> int:
 
 
 def _add_selection_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--init", choices=list(INITS), default="preserve")
+    p.add_argument("--init", choices=list(INITS), help="block init (default preserve)")
     p.add_argument("--include", nargs="+", metavar="GLOB", help="only convert module paths matching a glob")
     p.add_argument("--exclude", nargs="+", metavar="GLOB", help="never convert module paths matching a glob")
     p.add_argument("--kernel-sizes", nargs="+", type=int, metavar="K", help="only convert these square kernel sizes")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import logging
 import warnings
@@ -15,8 +16,8 @@ from .config import OREPAConfig, resolve_config
 from .integrations import call_hook
 from .patterns import ConvMatch, match_convs
 from .report import ConvRecord, ConversionReport, Status
-from .state import carried_state, unfold_carried
-from .surgery import convert_conv, unwrap_model
+from .state import BLOCK_FIELDS, OREPAStateError, carried_state, read_state, state_paths, unfold_carried
+from .surgery import CARRIED_ATTR, convert_conv, unwrap_model
 from .tracing import trace_model
 
 logger = logging.getLogger(__name__)
@@ -91,22 +92,70 @@ def _plan(root: nn.Module, config: OREPAConfig) -> tuple[list[ConvMatch], Conver
     return matches, ConversionReport(records, trace.untraced, config)
 
 
-def inspect_model(model: Any, config: OREPAConfig | None = None, **overrides: Any) -> ConversionReport:
-    """The report ``convert_to_orepa`` would give, without changing anything."""
-    config = resolve_config(config, overrides)
-    _, report = _plan(unwrap_model(model), config)
+def _check_matches_record(root: nn.Module, config: OREPAConfig, given: set[str]) -> None:
+    """Raise unless the explicitly ``given`` fields of ``config`` describe the trained state ``root`` carries:
+    the same block settings as every recorded group, and a selection that picks exactly the recorded convs."""
+    record = carried_state(root)["orepa_state"]  # type: ignore[index]
+    differ = sorted({f for f in given & set(BLOCK_FIELDS) for c, _ in read_state(record) if getattr(c, f) != getattr(config, f)})
+    if given - set(BLOCK_FIELDS):  # selection rules: compare what they select on the folded (plain) model
+        _, report = _plan(root, config)
+        if set(report.paths(Status.SELECTED)) != set(state_paths(record)):
+            differ.append("selection")
+    if differ:
+        (recorded, _), *_ = read_state(record)
+        raise OREPAStateError(
+            f"{type(root).__name__} carries a trained OREPA state ({len(state_paths(record))} blocks, init="
+            f"{recorded.init!r}) that your config does not describe ({', '.join(differ)} differ): call "
+            f"convert_to_orepa(model) with no config to restore the trained blocks, or pass restore=False to "
+            f"convert its folded weights anew with your config"
+        )
+
+
+def _restored_report(root: nn.Module, config: OREPAConfig) -> ConversionReport:
+    """The report of a restore: the recorded blocks are already converted, and nothing else is converted."""
+    _, report = _plan(root, config)
+    for r in report.records:
+        if r.status == Status.SELECTED:
+            r.status, r.reason, r.extra_params = Status.NOT_SELECTED, "not in the restored OREPA record", 0
+    report.restored = True
+    return report
+
+
+def _given_fields(config: OREPAConfig | None, overrides: dict[str, Any]) -> set[str]:
+    return set(config.to_dict()) if config is not None else set(overrides)
+
+
+def inspect_model(model: Any, config: OREPAConfig | None = None, *, restore: bool | None = None,
+                  **overrides: Any) -> ConversionReport:
+    """The report ``convert_to_orepa`` would give (same arguments), without changing anything."""
+    resolved = resolve_config(config, overrides)
+    root = unwrap_model(model)
+    if carried_state(root) is not None and restore is not False:
+        _check_matches_record(root, resolved, _given_fields(config, overrides))
+        report = _restored_report(unfold_carried(copy.deepcopy(root)), resolved)
+    elif restore:
+        raise OREPAStateError(f"{type(root).__name__} carries no trained OREPA state to restore")
+    else:
+        plain = root
+        if carried_state(root) is not None:  # restore=False: the folded weights as a plain model
+            plain = copy.copy(root)
+            plain.__dict__ = {k: v for k, v in root.__dict__.items() if k != CARRIED_ATTR}
+        _, report = _plan(plain, resolved)
     report.applied = False
     return report
 
 
 @overload
-def convert_to_orepa(model: Any, config: OREPAConfig | None = ..., *, return_report: Literal[False] = ..., **overrides: Any) -> Any: ...
+def convert_to_orepa(model: Any, config: OREPAConfig | None = ..., *, return_report: Literal[False] = ...,
+                     restore: bool | None = ..., **overrides: Any) -> Any: ...
 @overload
-def convert_to_orepa(model: Any, config: OREPAConfig | None = ..., *, return_report: Literal[True], **overrides: Any) -> tuple[Any, ConversionReport]: ...
+def convert_to_orepa(model: Any, config: OREPAConfig | None = ..., *, return_report: Literal[True],
+                     restore: bool | None = ..., **overrides: Any) -> tuple[Any, ConversionReport]: ...
 
 
 def convert_to_orepa(
-    model: Any, config: OREPAConfig | None = None, *, return_report: bool = False, **overrides: Any
+    model: Any, config: OREPAConfig | None = None, *, return_report: bool = False, restore: bool | None = None,
+    **overrides: Any
 ) -> Any:
     """Replace every eligible conv -> batch norm in ``model`` by an :class:`OREPAConv`, in place.
 
@@ -120,11 +169,16 @@ def convert_to_orepa(
         model: any ``nn.Module``, also inside DDP, ``torch.compile`` or an ultralytics ``YOLO`` object.
         config: an :class:`OREPAConfig`; ``overrides`` replace its fields.
         return_report: also return the :class:`ConversionReport`.
+        restore: what to do with a model that carries a trained OREPA state (a folded checkpoint model of an OREPA
+            run, e.g. an ultralytics ``best.pt``). ``None`` (default): restore its trained blocks, if ``config`` and
+            ``overrides`` are absent or describe that state; otherwise raise :class:`OREPAStateError` rather than
+            ignore them. ``False``: drop the carried state and convert the folded weights anew with ``config``.
+            ``True``: restore, and raise if there is no state to restore.
 
     Returns:
         ``model`` itself (and the report if asked). Converting a converted model changes nothing.
     """
-    config = resolve_config(config, overrides)
+    given_config, config = config, resolve_config(config, overrides)
     root = unwrap_model(model)
     if isinstance(model, nn.parallel.DistributedDataParallel):
         warnings.warn(
@@ -133,12 +187,18 @@ def convert_to_orepa(
             stacklevel=2,
         )
     root = next((m for m in call_hook("reload_changed", model, root) if m is not None), root)
-    if carried_state(root) is not None:  # a folded checkpoint model that carries its OREPA training state
+    if carried_state(root) is not None and restore is not False:  # a folded model carrying its training state
+        _check_matches_record(root, config, _given_fields(given_config, overrides))
         unfold_carried(root)  # restores the blocks and attaches the generation hooks
-        _, report = _plan(root, config)
+        report = _restored_report(root, config)
         call_hook("after_convert", model, root)  # for the wrapper too (e.g. a YOLO object's trainer router)
-        logger.info("OREPA: restored the %d trained blocks the folded model carried", report.already_converted)
+        logger.info("%s", report.summary())
         return (model, report) if return_report else model
+    if restore:
+        raise OREPAStateError(f"{type(root).__name__} carries no trained OREPA state to restore")
+    if root.__dict__.pop(CARRIED_ATTR, None) is not None:  # restore=False: the folded weights are the start
+        logger.info("OREPA: dropped the trained OREPA state %s carried; converting its folded weights anew",
+                    type(root).__name__)
     matches, report = _plan(root, config)
     _warn_unmatched_globs(matches, config)
     for match, record in zip(matches, report.records):

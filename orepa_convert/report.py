@@ -74,6 +74,7 @@ class ConversionReport:
     untraced: list[UntracedRegion]
     config: OREPAConfig
     applied: bool = True  # False for a dry run (inspect)
+    restored: bool = False  # the blocks were restored from the trained OREPA state the model carried
 
     @property
     def candidates(self) -> int:
@@ -107,6 +108,10 @@ class ConversionReport:
         return Counter(r.reason.split(" (")[0] for r in self.records if r.status in (INELIGIBLE, NOT_SELECTED))
 
     def summary(self) -> str:
+        if self.restored:
+            verb = "restored" if self.applied else "would restore"
+            return (f"OREPA: {verb} the {self.already_converted} trained blocks the model carried (its recorded "
+                    f"conversion; nothing converted anew)")
         verb = "converted" if self.applied else "would convert"
         text = (
             f"OREPA: {verb} {self.converted}/{self.eligible} eligible convs ({self.candidates} candidates, "
@@ -147,6 +152,7 @@ class ConversionReport:
                 "already_converted": self.already_converted,
                 "extra_params": self.extra_params,
                 "applied": self.applied,
+                "restored": self.restored,
             },
             "config": self.config.to_dict(),
             "convs": [{**asdict(r), "status": r.status.value} for r in self.records],

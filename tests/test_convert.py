@@ -247,7 +247,7 @@ def test_report_table_dict_and_logging(caplog):
     data = json.loads(json.dumps(report.to_dict()))
     assert data["summary"] == {
         "candidates": 7, "eligible": 6, "converted": 5, "already_converted": 0,
-        "extra_params": report.extra_params, "applied": True,
+        "extra_params": report.extra_params, "applied": True, "restored": False,
     }
     grown = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in Variety().parameters())
     assert report.extra_params == grown > 0

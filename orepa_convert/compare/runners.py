@@ -80,7 +80,7 @@ def run_ultralytics(settings: dict[str, Any], job: dict[str, Any], run_dir: Path
     torch.manual_seed(seed)
     model = YOLO(settings["model"])
     if variant != "plain":
-        convert_to_orepa(model, init=variant, seed=seed)
+        convert_to_orepa(model, init=variant, seed=seed, restore=False)  # an OREPA best.pt: its folded weights
     args: dict[str, Any] = {"plots": False, "verbose": False, **settings["train_args"]}
     args.update(data=settings["data"], epochs=job["epochs"], seed=seed, deterministic=True, project=str(run_dir),
                 name="train", exist_ok=True)

@@ -519,3 +519,17 @@ def test_a_model_fused_after_saving_says_to_load_the_checkpoint_again(trained):
     with pytest.raises(OREPAStateError, match=r"fused in place .* load the checkpoint again"):
         convert_to_orepa(plain)
     assert _blocks(plain) == 0  # nothing was changed
+
+
+def test_an_orepa_best_pt_is_restored_or_with_restore_false_converted_anew(trained):
+    from orepa_convert import OREPAStateError
+
+    _, _, root, _ = trained
+    model = YOLO(str(root / "runs" / "train" / "weights" / "best.pt"))
+    with pytest.raises(OREPAStateError, match=r"\(init differ\).*restore=False"):
+        convert_to_orepa(model, init="preserve_live")  # the run trained init="preserve": not silently ignored
+    assert _blocks(model.model) == 0 and carried_state(model.model) is not None
+    _, report = convert_to_orepa(model, init="preserve_live", restore=False, return_report=True)
+    assert not report.restored and report.converted == _blocks(model.model) == 39
+    assert carried_state(model.model) is None
+    assert {m.init for m in model.model.modules() if isinstance(m, OREPAConv)} == {"preserve_live"}
