@@ -272,8 +272,8 @@ class OREPATrainerMixin:
         """Build the model this run trains (what a single process would build: the user's conversion and
         weights, ``pretrained`` applied), write it for the workers and point ``args.model`` at the file.
 
-        Workers are rebuilt from the trainer's arguments: ultralytics before 8.4.140 passes nothing else, later
-        versions also pass ``trainer.model``, which for a model built from a YAML is still its file name. So the
+        Workers are rebuilt from the trainer's arguments: older ultralytics (8.3.0, 8.4.100) passes nothing else,
+        newer (8.4.190) also passes ``trainer.model``, which for a model built from a YAML is still its file name. So the
         arguments must name the model, and the file lives outside the run folder, which the launch deletes.
         A resumed run needs nothing: its checkpoint carries the OREPA state."""
         if self.resume:  # type: ignore[attr-defined]
@@ -294,6 +294,7 @@ class OREPATrainerMixin:
         """Ultralytics' optimizer, with every OREPA scale vector moved into a no-decay group (like BN weights)."""
         optimizer = super().build_optimizer(model, *args, **kwargs)  # type: ignore[misc]
         exempt_scales_from_weight_decay(optimizer, model)
+        keep_muon_to_shapes_it_takes(optimizer)
         return optimizer
 
     def save_model(self) -> Any:
@@ -366,6 +367,38 @@ def exempt_scales_from_weight_decay(optimizer: torch.optim.Optimizer, model: nn.
             optimizer.add_param_group(new)
         else:
             target["params"].extend(out)
+        moved += len(out)
+    return moved
+
+
+@functools.lru_cache(maxsize=None)
+def _muon_takes(ndim: int) -> bool:
+    """Whether this ultralytics' Muon update handles a tensor of ``ndim`` dimensions (8.4.100 asserts 2-D after
+    flattening only 4-D conv filters; later versions flatten any rank)."""
+    try:
+        from ultralytics.optim.muon import muon_update
+    except ImportError:
+        return False
+    try:
+        muon_update(torch.ones((2,) * ndim), torch.zeros((2,) * ndim))
+    except (AssertionError, RuntimeError, ValueError, TypeError):
+        return False
+    return True
+
+
+def keep_muon_to_shapes_it_takes(optimizer: torch.optim.Optimizer) -> int:
+    """Move tensors this ultralytics' MuSGD cannot orthogonalise (OREPA's 3-D branch weights on older versions)
+    from its Muon groups into the same settings' SGD part (``use_muon=False``); returns how many moved."""
+    moved = 0
+    for group in list(optimizer.param_groups):
+        if not group.get("use_muon"):
+            continue
+        out = [p for p in group["params"] if not _muon_takes(p.ndim)]
+        if not out:
+            continue
+        group["params"] = [p for p in group["params"] if _muon_takes(p.ndim)]
+        optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": out,
+                                   "use_muon": False})
         moved += len(out)
     return moved
 
