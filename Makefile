@@ -38,4 +38,4 @@ test-portable: setup
 # package declares, installed beside the environment (not into it); see docs/yolo.md.
 test-ultralytics-oldest: setup
 	$(PY) -m pip install --quiet --no-deps --target $(OLDEST_DIR) ultralytics==$(ULTRALYTICS_OLDEST) pandas pytz tzdata
-	PYTHONPATH=$(CURDIR)/$(OLDEST_DIR) $(PY) -m pytest tests/integrations/test_ultralytics.py
+	PYTHONPATH=$(CURDIR)/$(OLDEST_DIR) $(PY) -m pytest tests/integrations/test_ultralytics.py tests/integrations/test_train_cli.py

@@ -1,4 +1,5 @@
-"""Command-line interface: ``orepa-convert inspect MODEL``, ``fold CHECKPOINT -o OUT`` and ``compare MODEL --data DATA``."""
+"""Command-line interface: ``orepa-convert inspect MODEL``, ``fold CHECKPOINT -o OUT``, ``train key=value ...`` and
+``compare MODEL --data DATA``."""
 
 from __future__ import annotations
 
@@ -146,6 +147,25 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    words = list(args.words)
+    if "--timm" in words:  # the timm recipe's options, with --timm NAME for its --model
+        from .timm_train import main as timm_main
+
+        i = words.index("--timm")
+        if i + 1 >= len(words):
+            raise ValueError("--timm needs a timm model name, e.g. --timm resnet18")
+        return timm_main(words[:i] + ["--model", words[i + 1]] + words[i + 2:])
+    from .integrations import ultralytics_train
+
+    if not words or {"-h", "--help", "help"} & set(words):
+        print(ultralytics_train.help_text())
+        return 0
+    summary = ultralytics_train.train(words)
+    print("\n".join(summary.lines()))
+    return 0
+
+
 def _pool(args: argparse.Namespace) -> int:
     from .compare.pool import write_pool
 
@@ -205,6 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--num-classes", type=int, help="number of classes of that architecture (timm/torchvision)")
     f.add_argument("--fuse-bn", action="store_true", help="also fold each block's batch norm (modules and state_dicts)")
     f.set_defaults(func=_fold)
+    t = sub.add_parser(
+        "train", add_help=False,
+        help="train with OREPA from the command line: `yolo train` key=value arguments plus OREPA keys (init=, "
+             "kernel_sizes=, include=, exclude=, ...); --timm NAME --data-dir DIR for timm models; train --help lists them",
+    )
+    t.add_argument("words", nargs=argparse.REMAINDER)
+    t.set_defaults(func=_train)
+
     c = sub.add_parser(
         "compare",
         help="paired plain-vs-OREPA training runs on your data: does OREPA pay off, and at what cost?",
@@ -251,7 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("YOLO_OFFLINE", "1")  # never let ultralytics reach for the network from our CLI
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":  # `yolo train`-style words and the timm recipe's options pass through as given
+        args.words = argv[argv.index("train") + 1:]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
