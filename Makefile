@@ -8,7 +8,7 @@ export YOLO_OFFLINE := 1
 ULTRALYTICS_OLDEST ?= 8.3.0
 OLDEST_DIR := .ultralytics-$(ULTRALYTICS_OLDEST)
 
-.PHONY: setup demo test test-portable test-ultralytics-oldest
+.PHONY: setup demo test test-portable test-ultralytics-oldest docs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# The documentation site (docs/ + the API reference from the docstrings) into site/; the tests build it too.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 # The numeric tests with another CPU's kernels: torch's portable (default) and AVX2 code paths, one thread (other
 # reduction orders), as a machine without AVX-512, or with other float16 kernels, would run them.

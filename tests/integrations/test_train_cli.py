@@ -75,3 +75,13 @@ def test_train_help_lists_the_orepa_keys_and_where_the_ultralytics_ones_are(tmp_
     assert proc.returncode == 0
     for key in ("init=", "kernel_sizes=", "include=", "exclude=", "orepa_seed=", "docs.ultralytics.com/usage/cfg"):
         assert key in proc.stdout
+
+
+def test_train_timm_runs_the_timm_recipe(tmp_path):
+    pytest.importorskip("timm")
+    data = make_dataset(tmp_path / "imgs", "classify", n_train=8, n_val=4, imgsz=32)
+    out = tmp_path / "timm"
+    proc = _run("train", "--timm", "resnet10t", "--data-dir", str(data), "--epochs", "1", "--img-size", "32",
+                "--batch-size", "4", "--device", "cpu", "--output", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "folded.pth").is_file() and (out / "last.pth").is_file()
