@@ -6,10 +6,11 @@
 from .block import OREPAConv
 from .config import BRANCHES, OREPAConfig
 from .convert import convert_to_orepa, inspect_model
+from .errors import OREPAError, OREPALayoutError, OREPAStateError
 from .fold import fold_orepa
+from .surgery import is_converted
 from .report import ConversionReport, FoldReport, Status
 from .state import (
-    OREPAStateError,
     load_state_dict,
     orepa_state,
     restore,
@@ -38,4 +39,7 @@ __all__ = [
     "restore_from_orepa_state",
     "save",
     "state_from_layout",
+    "is_converted",
+    "OREPAError",
+    "OREPALayoutError",
 ]

@@ -15,6 +15,7 @@ from torch.func import functional_call
 
 from . import kernels
 from .config import BRANCHES, PAPER_SCALE_INIT, PAPER_SCALE_INIT_1X1, OREPAConfig
+from .errors import OREPALayoutError
 
 #: Version of the block's state_dict layout; stored in every block's extra state.
 FORMAT_VERSION = 2
@@ -528,7 +529,7 @@ class OREPAConv(nn.Module):
     def set_extra_state(self, state: Any) -> None:
         problem = self._layout_problem(state)
         if problem:
-            raise RuntimeError(problem)
+            raise OREPALayoutError(problem)
 
     def _layout_problem(self, state: Any) -> str | None:
         saved = _saved_layout(state)

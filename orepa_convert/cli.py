@@ -15,6 +15,7 @@ from typing import Any
 from . import __version__
 from .config import INITS
 from .convert import inspect_model
+from .errors import OREPAError
 from .models import build_model
 
 
@@ -289,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:  # includes CompareError
+    except (OREPAError, ValueError, TypeError, FileNotFoundError, ImportError) as exc:
         print(f"orepa-convert: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `orepa-convert inspect MODEL | head`: the reader left, nothing more to say

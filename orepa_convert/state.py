@@ -31,8 +31,9 @@ from torch import nn
 from . import ahead
 from .block import OREPAConv, unsupported_reason
 from .config import BRANCHES, OREPAConfig
+from .errors import OREPAStateError
 from .fold import fold_orepa
-from .surgery import CARRIED_ATTR, block_paths, convert_paths, unwrap_model
+from .surgery import CARRIED_ATTR, block_paths, convert_paths, is_converted, unwrap_model
 from .integrations import call_hook
 
 FORMAT = 2
@@ -41,10 +42,6 @@ STATE_KEY = "orepa_state"  # the record's key in files written by save() and in 
 BLOCK_FIELDS = ("init", "branches", "pw_kxk_width", "dws_expansion", "seed", "eval_cache")
 
 FileLike = Union[str, os.PathLike, IO[bytes]]
-
-
-class OREPAStateError(ValueError):
-    """A conversion record that cannot be read, or that does not fit the model it is restored into."""
 
 
 def _producer() -> str:
@@ -157,7 +154,7 @@ def restore_from_orepa_state(model: Any, state: Any) -> Any:
         plan.append((config, todo))
     for config, todo in plan:
         convert_paths(root, todo, config)
-    if any(isinstance(m, OREPAConv) for m in root.modules()):
+    if is_converted(root):
         ahead.attach(root)
         call_hook("after_convert", model, root)
     return model
@@ -280,7 +277,7 @@ def load_state_dict(model: Any, state_dict: Mapping[str, Any], strict: bool = Tr
     into a model without blocks raises :class:`OREPAStateError` naming the fix (fold first, or restore the
     structure); everything else is torch's ``load_state_dict``. Returns its result."""
     root = unwrap_model(model)
-    has_blocks = any(isinstance(m, OREPAConv) for m in root.modules())
+    has_blocks = is_converted(root)
     if not has_blocks and is_orepa_state_dict(state_dict):
         paths = list(_layout_prefixes(state_dict))
         raise OREPAStateError(

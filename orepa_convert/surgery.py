@@ -44,6 +44,16 @@ def unwrap_model(model: Any) -> nn.Module:
     return model
 
 
+def is_converted(model: Any) -> bool:
+    """Whether ``model`` (a module, or any wrapper :func:`~orepa_convert.convert_to_orepa` accepts) holds OREPA
+    blocks; ``False`` for anything that is not a model."""
+    try:
+        root = unwrap_model(model)
+    except TypeError:
+        return False
+    return any(isinstance(m, OREPAConv) for m in root.modules())
+
+
 def block_seed(seed: int, path: str) -> int:
     """Seed of the block at ``path``: depends only on the config seed and the path, so a block's random
     branch weights do not change when other convs are included or excluded."""

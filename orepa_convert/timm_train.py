@@ -36,6 +36,8 @@ from torch import nn
 
 from orepa_convert import OREPAConfig, OREPAConv, convert_to_orepa, fold_orepa, restore_from_orepa_state, save
 from orepa_convert.config import INITS
+from orepa_convert.errors import OREPAError
+from orepa_convert.surgery import is_converted
 from orepa_convert.state import STATE_KEY
 
 
@@ -202,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     acc_orepa, logits_orepa = evaluate(final, val_loader, device)
     if not args.plain:
         fold_orepa(final)
-    assert not any(isinstance(m, OREPAConv) for m in final.modules())
+    if is_converted(final):
+        raise OREPAError(f"folding left {sum(isinstance(m, OREPAConv) for m in final.modules())} OREPA block(s) in the final model")
     acc_folded, logits_folded = evaluate(final, val_loader, device)
     rel = ((logits_folded - logits_orepa).abs().max() / logits_orepa.abs().max().clamp_min(1e-12)).item()
     summary = {"model": args.model, "num_classes": num_classes, "converted": converted, "val_acc_orepa": acc_orepa,

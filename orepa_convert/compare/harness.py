@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import INITS
+from ..errors import CompareError, CompareRunError
 from .stats import summarise
 
 logger = logging.getLogger(__name__)
@@ -29,10 +30,6 @@ logger = logging.getLogger(__name__)
 RESULTS = "compare.json"
 BACKENDS = ("ultralytics", "timm")
 BUDGETS = ("epochs", "time")
-
-
-class CompareError(ValueError):
-    """A user mistake in the comparison's settings (the CLI prints it in one line and exits 2)."""
 
 
 @dataclass(frozen=True)
@@ -169,7 +166,7 @@ def run_in_subprocess(settings: CompareSettings, job: Job, run_dir: Path) -> lis
                               stdout=fh, stderr=subprocess.STDOUT, check=False)
     if proc.returncode != 0 or not out.exists():
         tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"run {job.name()} failed (exit {proc.returncode}): {tail[0]} -- full log: {log}")
+        raise CompareRunError(f"run {job.name()} failed (exit {proc.returncode}): {tail[0]} -- full log: {log}")
     return json.loads(out.read_text(encoding="utf-8"))
 
 

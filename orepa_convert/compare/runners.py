@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from ..errors import CompareRunError
+
 #: ultralytics results_dict key of the metric a comparison reports, by task
 _ULTRALYTICS_METRICS = {
     "detect": ("map50_95", "metrics/mAP50-95(B)"),
@@ -146,7 +148,7 @@ def run_timm(settings: dict[str, Any], job: dict[str, Any], run_dir: Path, has_t
     peak = memory.peak_mb()
     summary = json.loads((output / "summary.json").read_text(encoding="utf-8"))
     if code != 0:
-        raise RuntimeError(f"the timm recipe failed its checks (exit {code}): {summary}")
+        raise CompareRunError(f"the timm recipe failed its checks (exit {code}): {summary}")
     wall = sum(h["seconds"] for h in summary["history"])
     evaluated = {"val": summary["val_acc_folded"]}
     if has_test:

@@ -33,11 +33,12 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
-from ..block import OREPAConv
 from ..config import OREPAConfig
 from ..convert import convert_to_orepa
 from ..fold import fold_orepa
-from ..state import OREPAStateError, orepa_state, restore_from_orepa_state
+from ..errors import OREPAStateError
+from ..state import orepa_state, restore_from_orepa_state
+from ..surgery import is_converted
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +51,6 @@ def _network(module: nn.Module, attr: str | None) -> nn.Module:
         return module
     net = module.get_submodule(attr)
     return net
-
-
-def _has_blocks(net: nn.Module) -> bool:
-    return any(isinstance(m, OREPAConv) for m in net.modules())
 
 
 def _read_record(path: str | Path) -> dict[str, Any] | None:
@@ -79,14 +76,14 @@ class OREPA(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         net = _network(pl_module, self.module_attr)
-        if _has_blocks(net):
+        if is_converted(net):
             return  # converted already (an earlier stage, or by the user)
         _, report = convert_to_orepa(net, self.config, return_report=True)
         logger.info("%s", report.summary())
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         net = _network(pl_module, self.module_attr)
-        if _has_blocks(net):
+        if is_converted(net):
             checkpoint[CHECKPOINT_KEY] = {"module_attr": self.module_attr, "record": orepa_state(net)}
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:

@@ -53,6 +53,7 @@ from ..block import OREPAConv
 from ..config import OREPAConfig
 from ..convert import convert_to_orepa
 from ..fold import fold_orepa
+from ..errors import OREPAStateError
 from ..state import (
     carried_state,
     fold_carrying_state,
@@ -61,7 +62,7 @@ from ..state import (
     restore_from_orepa_state,
     unfold_carried,
 )
-from ..surgery import CARRIED_ATTR
+from ..surgery import CARRIED_ATTR, is_converted
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def after_fold(obj: object, root: nn.Module) -> None:
 
 
 def has_blocks(model: Any) -> bool:
-    return isinstance(model, nn.Module) and any(isinstance(m, OREPAConv) for m in model.modules())
+    return isinstance(model, nn.Module) and is_converted(model)
 
 
 def count_blocks(model: nn.Module) -> int:
@@ -526,7 +527,7 @@ def fold_checkpoint(source: str | os.PathLike, destination: str | os.PathLike) -
     trusted files only). Reads checkpoints of this version (folded, carrying state) and of 0.1.0 (unfolded)."""
     ckpt = torch.load(source, map_location="cpu", weights_only=False)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("ema") or ckpt.get("model"), nn.Module):
-        raise ValueError(f"{source} is not an ultralytics checkpoint (a dict with a 'model' or 'ema' module)")
+        raise OREPAStateError(f"{source} is not an ultralytics checkpoint (a dict with a 'model' or 'ema' module)")
     model = ckpt.get("ema") or ckpt["model"]
     model.__dict__.pop(CARRIED_ATTR, None)
     if has_blocks(model):
