@@ -8,6 +8,7 @@ from .config import BRANCHES, OREPAConfig
 from .convert import convert_to_orepa, inspect_model
 from .errors import OREPAError, OREPALayoutError, OREPAStateError
 from .fold import fold_orepa
+from .registry import register_batchnorm_type, register_conv_type
 from .surgery import is_converted
 from .report import ConversionReport, FoldReport, Status
 from .state import (
@@ -40,6 +41,8 @@ __all__ = [
     "save",
     "state_from_layout",
     "is_converted",
+    "register_batchnorm_type",
+    "register_conv_type",
     "OREPAError",
     "OREPALayoutError",
 ]

@@ -24,10 +24,12 @@ _PLAIN_CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _same_padding_convs() -> tuple[type[nn.Module], ...]:
-    """Conv classes with run-time 'same' padding that the block supports besides the plain ones."""
+    """Conv classes whose own forward the block runs with the generated weight, besides the plain ones: timm's
+    run-time 'same' padding conv and the classes users register (:func:`orepa_convert.register_conv_type`)."""
     from .integrations.timm import same_padding_conv_types
+    from .registry import registered_conv_types
 
-    return same_padding_conv_types()
+    return same_padding_conv_types() + registered_conv_types()
 
 
 def supported_conv_types() -> tuple[type[nn.Module], ...]:
@@ -61,7 +63,7 @@ def unsupported_reason(conv: nn.Module, *, pointwise: bool = False) -> str | Non
     if torch.nn.utils.parametrize.is_parametrized(conv, "weight"):
         return "weight is parametrized"
     cls = type(conv)
-    if not runs_plain_forward(cls) and cls not in _same_padding_convs():
+    if not runs_plain_forward(cls) and not issubclass(cls, _same_padding_convs()):
         name = f"{cls.__module__}.{cls.__qualname__}"
         if isinstance(conv, _PLAIN_CONVS):
             return f"conv subclass {name} overrides forward/_conv_forward (its computation is not a plain conv's)"

@@ -13,7 +13,7 @@ from torch import nn
 from . import ahead
 from .block import OREPAConv, branch_parameter_count
 from .config import OREPAConfig, resolve_config
-from .integrations import call_hook
+from .integrations import first_answer, notify
 from .patterns import ConvMatch, match_convs
 from .report import ConvRecord, ConversionReport, Status
 from .state import BLOCK_FIELDS, OREPAStateError, carried_state, read_state, state_paths, unfold_carried
@@ -186,12 +186,13 @@ def convert_to_orepa(
             "parameters; convert before wrapping in DDP (or wrap again)",
             stacklevel=2,
         )
-    root = next((m for m in call_hook("reload_changed", model, root) if m is not None), root)
+    reloaded = first_answer("reload_changed", model, root)
+    root = root if reloaded is None else reloaded
     if carried_state(root) is not None and restore is not False:  # a folded model carrying its training state
         _check_matches_record(root, config, _given_fields(given_config, overrides))
         unfold_carried(root)  # restores the blocks and attaches the generation hooks
         report = _restored_report(root, config)
-        call_hook("after_convert", model, root)  # for the wrapper too (e.g. a YOLO object's trainer router)
+        notify("after_convert", model, root)  # for the wrapper too (e.g. a YOLO object's trainer router)
         logger.info("%s", report.summary())
         return (model, report) if return_report else model
     if restore:
@@ -207,7 +208,7 @@ def convert_to_orepa(
             record.status = Status.CONVERTED
     if report.converted or report.already_converted:
         ahead.attach(root)
-        call_hook("after_convert", model, root)
+        notify("after_convert", model, root)
     logger.info("%s\n%s", report.summary(), report.table())
     if report.converted == 0 and report.already_converted == 0:
         reasons = ", ".join(f"{n} {r}" for r, n in report.reasons().most_common(4)) or "no conv modules"

@@ -12,7 +12,7 @@ from torch import nn
 from . import ahead, kernels
 from .block import OREPAConv
 from .surgery import CARRIED_ATTR, block_paths, replace_at, unwrap_model
-from .integrations import call_hook
+from .integrations import notify
 from .patterns import ConvMatch, match_convs
 from .report import FoldRecord, FoldReport
 from .tracing import trace_model
@@ -108,7 +108,7 @@ def fold_orepa(model: Any, fuse_bn: bool = False, *, return_report: bool = False
                 record.note = problem
         report.records.append(record)
     ahead.detach(root)
-    call_hook("after_fold", model, root)  # e.g. ultralytics: the checkpoint a YOLO object carries is folded too
+    notify("after_fold", model, root)  # e.g. ultralytics: the checkpoint a YOLO object carries is folded too
     logger.info("%s\n%s", report.summary(), report.table() if report.records else "")
     return (model, report) if return_report else model
 

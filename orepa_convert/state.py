@@ -34,7 +34,7 @@ from .config import BRANCHES, OREPAConfig
 from .errors import OREPAStateError
 from .fold import fold_orepa
 from .surgery import CARRIED_ATTR, block_paths, convert_paths, is_converted, unwrap_model
-from .integrations import call_hook
+from .integrations import notify
 
 FORMAT = 2
 STATE_KEY = "orepa_state"  # the record's key in files written by save() and in checkpoints of our integrations
@@ -156,7 +156,7 @@ def restore_from_orepa_state(model: Any, state: Any) -> Any:
         convert_paths(root, todo, config)
     if is_converted(root):
         ahead.attach(root)
-        call_hook("after_convert", model, root)
+        notify("after_convert", model, root)
     return model
 
 

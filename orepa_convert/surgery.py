@@ -10,7 +10,7 @@ from torch import nn
 
 from .block import OREPAConv
 from .config import OREPAConfig
-from .integrations import call_hook
+from .integrations import first_answer
 
 #: Attribute of a folded model that carries its OREPA training state (see :func:`orepa_convert.state.fold_carrying_state`).
 CARRIED_ATTR = "orepa_training_state"
@@ -30,7 +30,7 @@ def unwrap_model(model: Any) -> nn.Module:
         elif isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
             model = model._orig_mod
         else:
-            inner = next((m for m in call_hook("unwrap", model) if m is not None), None)
+            inner = first_answer("unwrap", model)
             if inner is None:
                 break
             model = inner

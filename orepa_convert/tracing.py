@@ -22,6 +22,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from .block import OREPAConv
 from .integrations import timm as timm_integration
+from .registry import registered_batchnorm_types
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,8 @@ ROOT_LABEL = "<root>"  # how the model itself (path "") is shown in reports
 
 def batchnorm_types() -> tuple[type[nn.Module], ...]:
     """Classes treated as batch norms: every ``_BatchNorm`` (incl. ``SyncBatchNorm`` and timm's
-    ``BatchNormAct2d``) plus the frozen variants of torchvision and timm."""
+    ``BatchNormAct2d``) plus the frozen variants of torchvision and timm and the classes users register
+    (:func:`orepa_convert.register_batchnorm_type`)."""
     types: list[type[nn.Module]] = [_BatchNorm]
     try:
         from torchvision.ops.misc import FrozenBatchNorm2d
@@ -39,6 +41,7 @@ def batchnorm_types() -> tuple[type[nn.Module], ...]:
     except ImportError:  # pragma: no cover - torchvision is a dependency
         pass
     types.extend(timm_integration.frozen_batchnorm_types())
+    types.extend(registered_batchnorm_types())
     return tuple(types)
 
 

@@ -33,13 +33,19 @@ def same_padding_conv_types() -> tuple[type[nn.Module], ...]:
 def fx_leaf_modules() -> tuple[type[nn.Module], ...]:
     """Module classes timm registers as FX leaves (``register_notrace_module``); empty without timm."""
     layers = _layers()
-    return () if layers is None else tuple(getattr(layers._fx, "_leaf_modules", ()))
+    if layers is None:
+        return ()
+    public = getattr(layers, "get_notrace_modules", None)  # timm's public API (older 1.0.x: its registry)
+    return tuple(public()) if public is not None else tuple(getattr(layers._fx, "_leaf_modules", ()))
 
 
 def fx_autowrap_functions() -> tuple:
     """Functions timm registers as FX leaves (``register_notrace_function``); empty without timm."""
     layers = _layers()
-    return () if layers is None else tuple(getattr(layers._fx, "_autowrap_functions", ()))
+    if layers is None:
+        return ()
+    public = getattr(layers, "get_notrace_functions", None)
+    return tuple(public()) if public is not None else tuple(getattr(layers._fx, "_autowrap_functions", ()))
 
 
 def frozen_batchnorm_types() -> tuple[type[nn.Module], ...]:
