@@ -8,7 +8,7 @@ export YOLO_OFFLINE := 1
 ULTRALYTICS_OLDEST ?= 8.3.0
 OLDEST_DIR := .ultralytics-$(ULTRALYTICS_OLDEST)
 
-.PHONY: setup demo test test-portable test-ultralytics-oldest docs
+.PHONY: setup demo test lint test-portable test-ultralytics-oldest docs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# ruff (lint and format) on the package; .ci/run runs it before the tests.
+lint: setup
+	$(VENV)/bin/ruff check orepa_convert
+	$(VENV)/bin/ruff format --check orepa_convert
 
 # The documentation site (docs/ + the API reference from the docstrings) into site/; the tests build it too.
 docs: setup

@@ -9,7 +9,6 @@ from .convert import convert_to_orepa, inspect_model
 from .errors import OREPAError, OREPALayoutError, OREPAStateError
 from .fold import fold_orepa
 from .registry import register_batchnorm_type, register_conv_type
-from .surgery import is_converted
 from .report import ConversionReport, FoldReport, Status
 from .state import (
     load_state_dict,
@@ -19,6 +18,7 @@ from .state import (
     save,
     state_from_layout,
 )
+from .surgery import is_converted
 
 __version__ = "0.1.0"
 

@@ -90,4 +90,3 @@ def has_hooks(model: nn.Module) -> bool:
         _generate_ahead in m._forward_pre_hooks.values() or _drop_unused in m._forward_hooks.values()
         for m in model.modules()
     )
-

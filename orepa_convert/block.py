@@ -38,7 +38,7 @@ def supported_conv_types() -> tuple[type[nn.Module], ...]:
     return _PLAIN_CONVS + _same_padding_convs()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def runs_plain_forward(cls: type) -> bool:
     """Whether instances of ``cls`` compute a plain ``nn.Conv1d/2d/3d`` forward: the class itself, or a subclass
     that only changes construction (e.g. torchvision's ``Conv3DSimple``) and overrides neither ``forward`` nor
@@ -255,7 +255,9 @@ class OREPAConv(nn.Module):
                 if config.init == "preserve":
                     self.weight_origin = weight  # the very same Parameter: exact, and no copy
                 else:
-                    self.weight_origin = random(out_channels, in_per_group, *kernel_size, fan_in=in_per_group * num_taps)
+                    self.weight_origin = random(
+                        out_channels, in_per_group, *kernel_size, fan_in=in_per_group * num_taps
+                    )
             elif branch in taps[:1]:
                 # the 1x1 weights of every fixed-filter branch, stacked [O, B, I/g]
                 rows = [random(out_channels, 1, in_per_group, fan_in=in_per_group) for _ in taps]
@@ -283,7 +285,9 @@ class OREPAConv(nn.Module):
         self._plan = kernels.generation_plan(weight.shape, groups, self.branches, expansion, width)
         live = config.init == "preserve_live"
         wrapped = weight.detach().double() if live else None
-        target_norm = weight.detach().flatten(1).norm(dim=1).double() if config.init in ("scratch", "preserve_live") else None
+        target_norm = (
+            weight.detach().flatten(1).norm(dim=1).double() if config.init in ("scratch", "preserve_live") else None
+        )
 
         # Take the conv over: its weight is generated from now on, its bias lives here.
         bias = conv._parameters["bias"] if "bias" in conv._parameters else None
@@ -380,7 +384,9 @@ class OREPAConv(nn.Module):
         if self.__dict__.get("_constants_built") == target and all((b.device, b.dtype) == target for b in current):
             return  # built for this device and dtype and untouched (e.g. .float() of a float32 block): keep them
         if taps:
-            filters = torch.stack([kernels.tap_filter(b, self.out_channels, self.kernel_size).flatten(1) for b in taps], 1)
+            filters = torch.stack(
+                [kernels.tap_filter(b, self.out_channels, self.kernel_size).flatten(1) for b in taps], 1
+            )
             self.tap_filters = filters.to(device=scales.device, dtype=dtype)  # [O, B, kk]
         if "pw_kxk" in self.branches:
             identity = kernels.stacked_identity(self.pw_kxk_width, self.in_channels, self.groups)
@@ -420,7 +426,9 @@ class OREPAConv(nn.Module):
         return kernel if kernel.dtype == scales.dtype else kernel.to(scales.dtype)
 
     def _cache_key(self) -> tuple:
-        return tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in self._parameters.values() if p is not None)
+        return tuple(
+            (id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in self._parameters.values() if p is not None
+        )
 
     @property
     def frozen(self) -> bool:
@@ -515,8 +523,12 @@ class OREPAConv(nn.Module):
         """The :class:`OREPAConfig` (block fields only) that builds this block again; see :mod:`.state`."""
         multiplier = self.__dict__.get("pw_kxk_multiplier", self.pw_kxk_width // self.in_channels)
         return OREPAConfig(
-            init=self.init, branches=self.branches, pw_kxk_width=multiplier, dws_expansion=self.dws_expansion,
-            seed=self.__dict__.get("seed", 0), eval_cache=self.eval_cache,
+            init=self.init,
+            branches=self.branches,
+            pw_kxk_width=multiplier,
+            dws_expansion=self.dws_expansion,
+            seed=self.__dict__.get("seed", 0),
+            eval_cache=self.eval_cache,
         )
 
     def _layout(self) -> list[int]:
@@ -554,7 +566,9 @@ class OREPAConv(nn.Module):
             f"OREPAConfig before loading"
         )
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[no-untyped-def]
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):  # type: ignore[no-untyped-def]
         name = prefix[:-1] or type(self).__name__
         if prefix + "weight" in state_dict and prefix + "weight_origin" not in state_dict:
             error_msgs.append(

@@ -76,7 +76,9 @@ def _fold(args: argparse.Namespace) -> int:
         print(f"folded pickled module -> {out}")
         return 0
     if not isinstance(obj, dict):
-        raise ValueError(f"{source}: expected an ultralytics checkpoint, a pickled module, an orepa_convert checkpoint or a state_dict")
+        raise ValueError(
+            f"{source}: expected an ultralytics checkpoint, a pickled module, an orepa_convert checkpoint or a state_dict"
+        )
     # an orepa_convert checkpoint (orepa_convert.save, the timm recipe's last.pth) or a bare OREPA state_dict
     record, state_dict = (obj[STATE_KEY], obj.get("orepa_model")) if STATE_KEY in obj else (None, obj)
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
@@ -134,13 +136,25 @@ def _compare(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             train_args[key] = getattr(args, key)
     settings = CompareSettings(
-        backend=backend, model=model, data=str(data), project=str(args.project), variants=tuple(args.variants),
-        seeds=tuple(args.seeds), epochs=args.epochs, imgsz=args.imgsz, lrs=tuple(args.lr0 or ()),
-        select_seeds=tuple(args.select_seeds or ()), budget=args.budget, train_args=train_args,
+        backend=backend,
+        model=model,
+        data=str(data),
+        project=str(args.project),
+        variants=tuple(args.variants),
+        seeds=tuple(args.seeds),
+        epochs=args.epochs,
+        imgsz=args.imgsz,
+        lrs=tuple(args.lr0 or ()),
+        select_seeds=tuple(args.select_seeds or ()),
+        budget=args.budget,
+        train_args=train_args,
     )
     if len(settings.seeds) == 1:
-        print("orepa-convert compare: one seed gives no confidence interval; the verdict will say so "
-              "(use e.g. --seeds 0 1 2)", file=sys.stderr)
+        print(
+            "orepa-convert compare: one seed gives no confidence interval; the verdict will say so "
+            "(use e.g. --seeds 0 1 2)",
+            file=sys.stderr,
+        )
     data = run_all(settings, progress=not args.no_progress)
     project = Path(args.project)
     print((project / "compare.md").read_text(encoding="utf-8"))
@@ -156,7 +170,7 @@ def _train(args: argparse.Namespace) -> int:
         i = words.index("--timm")
         if i + 1 >= len(words):
             raise ValueError("--timm needs a timm model name, e.g. --timm resnet18")
-        return timm_main(words[:i] + ["--model", words[i + 1]] + words[i + 2:])
+        return timm_main(words[:i] + ["--model", words[i + 1]] + words[i + 2 :])
     from .integrations import ultralytics_train
 
     if not words or {"-h", "--help", "help"} & set(words):
@@ -194,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="OREPA re-parameterization for PyTorch CNNs: inspect which convs would be converted, and fold "
         "OREPA checkpoints back into plain ones.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and why each region was traced by parts")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, and why each region was traced by parts"
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
@@ -227,9 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--fuse-bn", action="store_true", help="also fold each block's batch norm (modules and state_dicts)")
     f.set_defaults(func=_fold)
     t = sub.add_parser(
-        "train", add_help=False,
+        "train",
+        add_help=False,
         help="train with OREPA from the command line: `yolo train` key=value arguments plus OREPA keys (init=, "
-             "kernel_sizes=, include=, exclude=, ...); --timm NAME --data-dir DIR for timm models; train --help lists them",
+        "kernel_sizes=, include=, exclude=, ...); --timm NAME --data-dir DIR for timm models; train --help lists them",
     )
     t.add_argument("words", nargs=argparse.REMAINDER)
     t.set_defaults(func=_train)
@@ -247,32 +264,72 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("model", nargs="?", help="ultralytics model: yolov8n.pt (fine-tune its weights) or yolov8n.yaml")
     c.add_argument("--data", help="ultralytics dataset YAML (a 'test:' entry is used for the reported metric)")
-    c.add_argument("--timm", metavar="NAME", help="compare a timm model instead (built with random weights; "
-                   "start from plain weights with --train-arg pretrained_checkpoint=PATH)")
+    c.add_argument(
+        "--timm",
+        metavar="NAME",
+        help="compare a timm model instead (built with random weights; "
+        "start from plain weights with --train-arg pretrained_checkpoint=PATH)",
+    )
     c.add_argument("--data-dir", help="timm: ImageFolder dataset with train/ and val/ (and optionally test/)")
-    c.add_argument("--variants", nargs="+", default=["plain", "preserve"], metavar="V",
-                   help="plain and OREPA inits (preserve, paper, scratch); default: plain preserve")
+    c.add_argument(
+        "--variants",
+        nargs="+",
+        default=["plain", "preserve"],
+        metavar="V",
+        help="plain and OREPA inits (preserve, paper, scratch); default: plain preserve",
+    )
     c.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="S", help="paired seeds (default 0 1 2)")
     c.add_argument("--epochs", type=int, default=10)
     c.add_argument("--imgsz", "--img-size", type=int, help="image size (ultralytics imgsz, timm --img-size)")
-    c.add_argument("--lr0", nargs="+", type=float, metavar="LR",
-                   help="learning rate(s); several: each variant picks its own on the validation split")
-    c.add_argument("--select-seeds", nargs="+", type=int, metavar="S",
-                   help="seeds of the learning-rate selection runs (default: the first of --seeds)")
-    c.add_argument("--budget", choices=["epochs", "time"], default="epochs",
-                   help="equal epochs (default), or equal wall time: plain gets the epochs that match OREPA's measured time")
-    c.add_argument("--project", type=Path, help="output folder (resumes if it has compare.json; default runs/compare, "
-                   "runs/pool with --pool)")
-    c.add_argument("--pool", nargs="+", type=Path, metavar="DIR",
-                   help="pool finished comparisons (their folders, one task each) into one random-effects verdict: "
-                        "pool.json, pool.md and a forest plot pool.png in --project")
-    c.add_argument("--effect", choices=["raw", "standardised"], default="raw",
-                   help="with --pool: pool raw metric differences, or per-task standardised paired differences")
+    c.add_argument(
+        "--lr0",
+        nargs="+",
+        type=float,
+        metavar="LR",
+        help="learning rate(s); several: each variant picks its own on the validation split",
+    )
+    c.add_argument(
+        "--select-seeds",
+        nargs="+",
+        type=int,
+        metavar="S",
+        help="seeds of the learning-rate selection runs (default: the first of --seeds)",
+    )
+    c.add_argument(
+        "--budget",
+        choices=["epochs", "time"],
+        default="epochs",
+        help="equal epochs (default), or equal wall time: plain gets the epochs that match OREPA's measured time",
+    )
+    c.add_argument(
+        "--project",
+        type=Path,
+        help="output folder (resumes if it has compare.json; default runs/compare, runs/pool with --pool)",
+    )
+    c.add_argument(
+        "--pool",
+        nargs="+",
+        type=Path,
+        metavar="DIR",
+        help="pool finished comparisons (their folders, one task each) into one random-effects verdict: "
+        "pool.json, pool.md and a forest plot pool.png in --project",
+    )
+    c.add_argument(
+        "--effect",
+        choices=["raw", "standardised"],
+        default="raw",
+        help="with --pool: pool raw metric differences, or per-task standardised paired differences",
+    )
     c.add_argument("--batch", type=int, help="batch size (passed to the trainer)")
     c.add_argument("--device", help="device, e.g. 0, cpu, cuda (passed to the trainer)")
     c.add_argument("--workers", type=int, help="data loader workers (passed to the trainer)")
-    c.add_argument("--train-arg", nargs="+", type=_train_arg, metavar="KEY=VALUE",
-                   help="more trainer options, e.g. optimizer=SGD momentum=0.9 (ultralytics) or opt=adamw (timm)")
+    c.add_argument(
+        "--train-arg",
+        nargs="+",
+        type=_train_arg,
+        metavar="KEY=VALUE",
+        help="more trainer options, e.g. optimizer=SGD momentum=0.9 (ultralytics) or opt=adamw (timm)",
+    )
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=_compare)
     return parser
@@ -284,10 +341,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command == "train":  # `yolo train`-style words and the timm recipe's options pass through as given
-        args.words = argv[argv.index("train") + 1:]
+        args.words = argv[argv.index("train") + 1 :]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.func(args)
     except (OREPAError, ValueError, TypeError, FileNotFoundError, ImportError) as exc:

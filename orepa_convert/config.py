@@ -109,9 +109,7 @@ class OREPAConfig:
         branches = _as_tuple(self.branches, "branches")
         unknown = [b for b in branches if b not in BRANCHES]
         if unknown or not branches:
-            raise ValueError(
-                f"OREPAConfig.branches must be a non-empty subset of {BRANCHES}, got {self.branches!r}"
-            )
+            raise ValueError(f"OREPAConfig.branches must be a non-empty subset of {BRANCHES}, got {self.branches!r}")
         if len(set(branches)) != len(branches):
             raise ValueError(f"OREPAConfig.branches has duplicates: {self.branches!r}")
         # Canonical order, so that equal sets give equal configs and equal state_dict layouts.

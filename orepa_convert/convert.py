@@ -15,12 +15,13 @@ from .block import OREPAConv, branch_parameter_count
 from .config import OREPAConfig, resolve_config
 from .integrations import first_answer, notify
 from .patterns import ConvMatch, match_convs
-from .report import ConvRecord, ConversionReport, Status
+from .report import ConversionReport, ConvRecord, Status
 from .state import BLOCK_FIELDS, OREPAStateError, carried_state, read_state, state_paths, unfold_carried
 from .surgery import CARRIED_ATTR, convert_conv, unwrap_model
 from .tracing import trace_model
 
 logger = logging.getLogger(__name__)
+
 
 def _selection_problem(match: ConvMatch, config: OREPAConfig) -> str | None:
     """Why an eligible conv is not selected by ``config`` (every rule must pass; exclude always wins)."""
@@ -96,7 +97,9 @@ def _check_matches_record(root: nn.Module, config: OREPAConfig, given: set[str])
     """Raise unless the explicitly ``given`` fields of ``config`` describe the trained state ``root`` carries:
     the same block settings as every recorded group, and a selection that picks exactly the recorded convs."""
     record = carried_state(root)["orepa_state"]  # type: ignore[index]
-    differ = sorted({f for f in given & set(BLOCK_FIELDS) for c, _ in read_state(record) if getattr(c, f) != getattr(config, f)})
+    differ = sorted(
+        {f for f in given & set(BLOCK_FIELDS) for c, _ in read_state(record) if getattr(c, f) != getattr(config, f)}
+    )
     if given - set(BLOCK_FIELDS):  # selection rules: compare what they select on the folded (plain) model
         _, report = _plan(root, config)
         if set(report.paths(Status.SELECTED)) != set(state_paths(record)):
@@ -125,8 +128,9 @@ def _given_fields(config: OREPAConfig | None, overrides: dict[str, Any]) -> set[
     return set(config.to_dict()) if config is not None else set(overrides)
 
 
-def inspect_model(model: Any, config: OREPAConfig | None = None, *, restore: bool | None = None,
-                  **overrides: Any) -> ConversionReport:
+def inspect_model(
+    model: Any, config: OREPAConfig | None = None, *, restore: bool | None = None, **overrides: Any
+) -> ConversionReport:
     """The report ``convert_to_orepa`` would give (same arguments), without changing anything."""
     resolved = resolve_config(config, overrides)
     root = unwrap_model(model)
@@ -146,16 +150,32 @@ def inspect_model(model: Any, config: OREPAConfig | None = None, *, restore: boo
 
 
 @overload
-def convert_to_orepa(model: Any, config: OREPAConfig | None = ..., *, return_report: Literal[False] = ...,
-                     restore: bool | None = ..., **overrides: Any) -> Any: ...
+def convert_to_orepa(
+    model: Any,
+    config: OREPAConfig | None = ...,
+    *,
+    return_report: Literal[False] = ...,
+    restore: bool | None = ...,
+    **overrides: Any,
+) -> Any: ...
 @overload
-def convert_to_orepa(model: Any, config: OREPAConfig | None = ..., *, return_report: Literal[True],
-                     restore: bool | None = ..., **overrides: Any) -> tuple[Any, ConversionReport]: ...
+def convert_to_orepa(
+    model: Any,
+    config: OREPAConfig | None = ...,
+    *,
+    return_report: Literal[True],
+    restore: bool | None = ...,
+    **overrides: Any,
+) -> tuple[Any, ConversionReport]: ...
 
 
 def convert_to_orepa(
-    model: Any, config: OREPAConfig | None = None, *, return_report: bool = False, restore: bool | None = None,
-    **overrides: Any
+    model: Any,
+    config: OREPAConfig | None = None,
+    *,
+    return_report: bool = False,
+    restore: bool | None = None,
+    **overrides: Any,
 ) -> Any:
     """Replace every eligible conv -> batch norm in ``model`` by an :class:`OREPAConv`, in place.
 
@@ -198,8 +218,9 @@ def convert_to_orepa(
     if restore:
         raise OREPAStateError(f"{type(root).__name__} carries no trained OREPA state to restore")
     if root.__dict__.pop(CARRIED_ATTR, None) is not None:  # restore=False: the folded weights are the start
-        logger.info("OREPA: dropped the trained OREPA state %s carried; converting its folded weights anew",
-                    type(root).__name__)
+        logger.info(
+            "OREPA: dropped the trained OREPA state %s carried; converting its folded weights anew", type(root).__name__
+        )
     matches, report = _plan(root, config)
     _warn_unmatched_globs(matches, config)
     for match, record in zip(matches, report.records):

@@ -11,10 +11,10 @@ from torch import nn
 
 from . import ahead, kernels
 from .block import OREPAConv
-from .surgery import CARRIED_ATTR, block_paths, replace_at, unwrap_model
 from .integrations import notify
 from .patterns import ConvMatch, match_convs
 from .report import FoldRecord, FoldReport
+from .surgery import CARRIED_ATTR, block_paths, replace_at, unwrap_model
 from .tracing import trace_model
 
 logger = logging.getLogger(__name__)
@@ -45,8 +45,13 @@ def _bn_fuse_problem(match: ConvMatch, bn_uses: dict[int, int]) -> str | None:
 @torch.no_grad()
 def _fuse_bn(conv: nn.Module, bn: nn.Module) -> None:
     weight, bias = kernels.fold_batchnorm(
-        conv.weight, conv.bias, bn.running_mean, bn.running_var,
-        getattr(bn, "weight", None), getattr(bn, "bias", None), bn.eps,
+        conv.weight,
+        conv.bias,
+        bn.running_mean,
+        bn.running_var,
+        getattr(bn, "weight", None),
+        getattr(bn, "bias", None),
+        bn.eps,
     )
     conv.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)
     conv.bias = nn.Parameter(bias, requires_grad=conv.weight.requires_grad)
@@ -74,18 +79,23 @@ def fold_orepa(model: Any, fuse_bn: bool = False, *, return_report: bool = False
     """
     root = unwrap_model(model)
     report = FoldReport(fuse_bn=fuse_bn)
-    blocks = [m for m in match_convs(root, trace_model(root)) if isinstance(m.module, OREPAConv)] if fuse_bn else [
-        ConvMatch(b, paths) for b, paths in block_paths(root).items()
-    ]
+    blocks = (
+        [m for m in match_convs(root, trace_model(root)) if isinstance(m.module, OREPAConv)]
+        if fuse_bn
+        else [ConvMatch(b, paths) for b, paths in block_paths(root).items()]
+    )
     if not blocks and CARRIED_ATTR in root.__dict__:
         logger.info("fold_orepa: %s is already folded (it carries its OREPA training state)", type(root).__name__)
     elif not blocks:
         what = (
             "fuse_bn=True only fuses the batch norms after OREPA blocks; for a plain model use "
             "torch.fx.experimental.optimization.fuse or the framework's own fuse()"
-            if fuse_bn else "it was never converted, or is already folded"
+            if fuse_bn
+            else "it was never converted, or is already folded"
         )
-        warnings.warn(f"fold_orepa: {type(root).__name__} has no OREPA blocks, nothing was folded ({what})", stacklevel=2)
+        warnings.warn(
+            f"fold_orepa: {type(root).__name__} has no OREPA blocks, nothing was folded ({what})", stacklevel=2
+        )
     bn_uses: dict[int, int] = {}
     for match in blocks:
         for site in match.sites:
@@ -102,7 +112,11 @@ def fold_orepa(model: Any, fuse_bn: bool = False, *, return_report: bool = False
             record.bn = site.bn_path if site else None
             if problem is None:
                 _fuse_bn(conv, site.bn)
-                replace_at(root, [p for p, m in root.named_modules(remove_duplicate=False) if m is site.bn], _bn_replacement(site.bn))
+                replace_at(
+                    root,
+                    [p for p, m in root.named_modules(remove_duplicate=False) if m is site.bn],
+                    _bn_replacement(site.bn),
+                )
                 record.bn_fused = True
             else:
                 record.note = problem
@@ -111,4 +125,3 @@ def fold_orepa(model: Any, fuse_bn: bool = False, *, return_report: bool = False
     notify("after_fold", model, root)  # e.g. ultralytics: the checkpoint a YOLO object carries is folded too
     logger.info("%s\n%s", report.summary(), report.table() if report.records else "")
     return (model, report) if return_report else model
-

@@ -54,7 +54,9 @@ def dct_prior_filters(out_channels: int, kernel_size: Sequence[int], dtype: torc
     return filters.to(dtype)
 
 
-def tap_filter(branch: str, out_channels: int, kernel_size: Sequence[int], dtype: torch.dtype = torch.float64) -> Tensor:
+def tap_filter(
+    branch: str, out_channels: int, kernel_size: Sequence[int], dtype: torch.dtype = torch.float64
+) -> Tensor:
     """The fixed per-output-channel spatial filter ``[O, *K]`` that turns a 1x1 weight into a kxk kernel.
 
     ``avg``: the k x k average (``1 / kk`` at every tap); ``prior``: :func:`dct_prior_filters`;
@@ -265,17 +267,28 @@ def generation_plan(
     if not order:
         raise ValueError(f"a generation plan needs at least one of the branches {BRANCHES}, got {branches!r}")
     if "pw_kxk" in order and (width < groups or width % groups):
-        raise ValueError(f"the 1x1->kxk branch needs a width that is a positive multiple of groups={groups}, got {width}")
+        raise ValueError(
+            f"the 1x1->kxk branch needs a width that is a positive multiple of groups={groups}, got {width}"
+        )
     taps = tap_branches(order)
     rows = tuple(order.index(b) if b in order else -1 for b in ("origin", taps[0] if taps else "", "pw_kxk", "dws"))
     return GenerationPlan(
-        tuple(shape), shape[0], shape[1], math.prod(shape[2:]), groups, len(order), rows, len(taps),  # type: ignore[arg-type]
-        expansion, width if "pw_kxk" in order else 0,
+        tuple(shape),
+        shape[0],
+        shape[1],
+        math.prod(shape[2:]),
+        groups,
+        len(order),
+        rows,
+        len(taps),  # type: ignore[arg-type]
+        expansion,
+        width if "pw_kxk" in order else 0,
     )
 
 
-def _stacked_forward(plan: GenerationPlan, count: int, t: dict[str, Tensor], filters: Tensor | None,
-                     identity: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+def _stacked_forward(
+    plan: GenerationPlan, count: int, t: dict[str, Tensor], filters: Tensor | None, identity: Tensor | None
+) -> tuple[Tensor, dict[str, Tensor]]:
     """The kernels ``[G, O, I/g, kk]`` of ``G = count`` blocks from their stacked storage tensors ``t`` (each
     ``[G, *storage shape]``), and what the backward keeps. Seven or eight ops whatever ``G``."""
     G, o, ig, kk, g, e = count, plan.out_channels, plan.in_per_group, plan.kernel_taps, plan.groups, plan.expansion
@@ -308,8 +321,14 @@ def _stacked_forward(plan: GenerationPlan, count: int, t: dict[str, Tensor], fil
     return kernel, keep
 
 
-def _stacked_backward(plan: GenerationPlan, count: int, grad: Tensor, t: dict[str, Tensor], keep: dict[str, Tensor],
-                      filters: Tensor | None) -> dict[str, Tensor]:
+def _stacked_backward(
+    plan: GenerationPlan,
+    count: int,
+    grad: Tensor,
+    t: dict[str, Tensor],
+    keep: dict[str, Tensor],
+    filters: Tensor | None,
+) -> dict[str, Tensor]:
     """Gradients ``[G, *storage shape]`` of every parameter kind from the stacked kernel gradients ``grad``.
 
     Each scale gradient is one product and one reduction; gradients that a scale multiplies come out of a
@@ -367,7 +386,9 @@ def _stacked_backward(plan: GenerationPlan, count: int, grad: Tensor, t: dict[st
         scaled = scaled.view(G * g * ig, og, kk)
         pointwise = t["dws_pw"].reshape(G * g * ig, e, og)
         out["dws_dw"] = torch.bmm(pointwise, scaled).view(t["dws_dw"].shape)
-        out["dws_pw"] = torch.bmm(t["dws_dw"].reshape(G * g * ig, e, kk), scaled.transpose(1, 2)).view(t["dws_pw"].shape)
+        out["dws_pw"] = torch.bmm(t["dws_dw"].reshape(G * g * ig, e, kk), scaled.transpose(1, 2)).view(
+            t["dws_pw"].shape
+        )
         dense = keep["dense"].view(G, g, ig, og, kk).transpose(2, 3)
         torch.sum(grad.view(G, g, og, ig, kk) * dense, (3, 4), out=dv[:, r_dws].view(G, g, og))
     if unit != 1.0:

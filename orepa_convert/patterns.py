@@ -14,8 +14,20 @@ from .block import OREPAConv, unsupported_reason
 from .tracing import TraceResult, is_batchnorm, is_conv, iter_call_modules, join
 
 _ACT_FUNCTIONS = {
-    F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.mish, F.sigmoid,
-    torch.relu, torch.sigmoid, torch.tanh, F.tanh,
+    F.relu,
+    F.relu6,
+    F.silu,
+    F.gelu,
+    F.hardswish,
+    F.hardsigmoid,
+    F.leaky_relu,
+    F.elu,
+    F.mish,
+    F.sigmoid,
+    torch.relu,
+    torch.sigmoid,
+    torch.tanh,
+    F.tanh,
 }
 _ACT_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
 

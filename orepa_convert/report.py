@@ -10,6 +10,7 @@ from typing import Any
 from .config import OREPAConfig
 from .tracing import UntracedRegion
 
+
 class Status(str, Enum):
     """What happened to a candidate conv. A ``str`` enum: it compares equal to, and serialises as, its value."""
 
@@ -110,8 +111,10 @@ class ConversionReport:
     def summary(self) -> str:
         if self.restored:
             verb = "restored" if self.applied else "would restore"
-            return (f"OREPA: {verb} the {self.already_converted} trained blocks the model carried (its recorded "
-                    f"conversion; nothing converted anew)")
+            return (
+                f"OREPA: {verb} the {self.already_converted} trained blocks the model carried (its recorded "
+                f"conversion; nothing converted anew)"
+            )
         verb = "converted" if self.applied else "would convert"
         text = (
             f"OREPA: {verb} {self.converted}/{self.eligible} eligible convs ({self.candidates} candidates, "
@@ -126,8 +129,14 @@ class ConversionReport:
         children were traced one by one): their paths, or with ``verbose`` a table with the first line of why."""
         rows = [
             [
-                r.path, r.conv_class, _dims(r.kernel_size), _dims(r.stride), str(r.groups),
-                f"{r.in_channels}->{r.out_channels}", r.bn or "-", r.act or "-",
+                r.path,
+                r.conv_class,
+                _dims(r.kernel_size),
+                _dims(r.stride),
+                str(r.groups),
+                f"{r.in_channels}->{r.out_channels}",
+                r.bn or "-",
+                r.act or "-",
                 r.status.value + (f": {r.reason}" if r.reason else ""),
             ]
             for r in self.records

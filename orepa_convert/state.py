@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Mapping
-from typing import IO, Any, Union
+from typing import IO, Any
 
 import torch
 from torch import nn
@@ -33,15 +33,15 @@ from .block import OREPAConv, unsupported_reason
 from .config import BRANCHES, OREPAConfig
 from .errors import OREPAStateError
 from .fold import fold_orepa
-from .surgery import CARRIED_ATTR, block_paths, convert_paths, is_converted, unwrap_model
 from .integrations import notify
+from .surgery import CARRIED_ATTR, block_paths, convert_paths, is_converted, unwrap_model
 
 FORMAT = 2
 STATE_KEY = "orepa_state"  # the record's key in files written by save() and in checkpoints of our integrations
 #: OREPAConfig fields that describe a block (selection fields are replaced by the exact list of paths).
 BLOCK_FIELDS = ("init", "branches", "pw_kxk_width", "dws_expansion", "seed", "eval_cache")
 
-FileLike = Union[str, os.PathLike, IO[bytes]]
+FileLike = str | os.PathLike | IO[bytes]
 
 
 def _producer() -> str:
@@ -59,7 +59,9 @@ def config_from_dict(data: Mapping[str, Any]) -> OREPAConfig:
     """An :class:`OREPAConfig` from a record's config dict (unknown fields raise :class:`OREPAStateError`)."""
     unknown = sorted(set(data) - set(BLOCK_FIELDS))
     if unknown:
-        raise OREPAStateError(f"OREPA record config has unknown field(s) {unknown}; it was written by a newer orepa_convert?")
+        raise OREPAStateError(
+            f"OREPA record config has unknown field(s) {unknown}; it was written by a newer orepa_convert?"
+        )
     try:
         return OREPAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
     except (TypeError, ValueError) as exc:
@@ -145,11 +147,15 @@ def restore_from_orepa_state(model: Any, state: Any) -> Any:
                 ) from None
             if isinstance(module, OREPAConv):
                 if module.block_config() != config:
-                    raise OREPAStateError(f"'{path}' is already an OREPA block with another config; build the model fresh")
+                    raise OREPAStateError(
+                        f"'{path}' is already an OREPA block with another config; build the model fresh"
+                    )
                 continue
             reason = unsupported_reason(module, pointwise=True)
             if reason is not None:
-                raise OREPAStateError(f"OREPA record names '{path}', a {type(module).__name__} that cannot be converted: {reason}")
+                raise OREPAStateError(
+                    f"OREPA record names '{path}', a {type(module).__name__} that cannot be converted: {reason}"
+                )
             todo.append(path)
         plan.append((config, todo))
     for config, todo in plan:
@@ -243,7 +249,9 @@ def save(model: Any, f: FileLike, **extra: Any) -> None:
     folded = copy.deepcopy(root)
     if block_paths(folded):
         fold_orepa(folded)
-    torch.save({STATE_KEY: orepa_state(root), "orepa_model": root.state_dict(), "state_dict": folded.state_dict(), **extra}, f)
+    torch.save(
+        {STATE_KEY: orepa_state(root), "orepa_model": root.state_dict(), "state_dict": folded.state_dict(), **extra}, f
+    )
 
 
 def load_file(f: FileLike, *, weights_only: bool = True, expected: str = "an orepa_convert checkpoint") -> Any:
@@ -256,9 +264,14 @@ def load_file(f: FileLike, *, weights_only: bool = True, expected: str = "an ore
     except Exception as exc:  # UnpicklingError, RuntimeError (not a zip), EOFError, ...: many ways to be unreadable
         name = os.fspath(f) if isinstance(f, (str, os.PathLike)) else getattr(f, "name", "the file")
         first = (str(exc).strip().splitlines() or [""])[0][:160]
-        hint = " (it holds pickled objects: only files written by orepa_convert.save load safely)" if weights_only and \
-            "weights_only" in str(exc) else ""
-        raise OREPAStateError(f"{name} is not {expected} that torch.load can read{hint}: {type(exc).__name__}: {first}") from None
+        hint = (
+            " (it holds pickled objects: only files written by orepa_convert.save load safely)"
+            if weights_only and "weights_only" in str(exc)
+            else ""
+        )
+        raise OREPAStateError(
+            f"{name} is not {expected} that torch.load can read{hint}: {type(exc).__name__}: {first}"
+        ) from None
 
 
 def restore(model: Any, f: FileLike | Mapping[str, Any], *, strict: bool = True) -> Any:
@@ -306,7 +319,9 @@ def is_orepa_state_dict(state_dict: Mapping[str, Any]) -> bool:
     return bool(_layout_prefixes(state_dict))
 
 
-def state_from_layout(model: Any, state_dict: Mapping[str, Any], *, seed: int = 0, init: str = "preserve") -> dict[str, Any]:
+def state_from_layout(
+    model: Any, state_dict: Mapping[str, Any], *, seed: int = 0, init: str = "preserve"
+) -> dict[str, Any]:
     """Rebuild the record of a converted model's ``state_dict`` from its blocks' saved layouts (branches and
     widths), for files that carry no record. ``model`` is the plain architecture (for channel counts); ``seed``
     and ``init`` only affect random initial values, which loading the state_dict overwrites."""
@@ -322,13 +337,18 @@ def state_from_layout(model: Any, state_dict: Mapping[str, Any], *, seed: int = 
         try:
             conv = root.get_submodule(path)
         except AttributeError:
-            raise OREPAStateError(f"the state_dict has an OREPA block at '{path}', which the model does not have") from None
+            raise OREPAStateError(
+                f"the state_dict has an OREPA block at '{path}', which the model does not have"
+            ) from None
         in_channels = getattr(conv, "in_channels", None)
         if not isinstance(in_channels, int) or saved[2] % in_channels:
             raise OREPAStateError(f"'{path}': the saved block does not fit a {type(conv).__name__} there")
         config = OREPAConfig(
-            init=init if "origin" in branches else "paper", branches=branches, pw_kxk_width=saved[2] // in_channels,
-            dws_expansion=saved[3], seed=seed,
+            init=init if "origin" in branches else "paper",
+            branches=branches,
+            pw_kxk_width=saved[2] // in_channels,
+            dws_expansion=saved[3],
+            seed=seed,
         )
         groups.setdefault(config, []).append(path)
     return make_state(groups)

@@ -100,5 +100,3 @@ def convert_paths(root: nn.Module, paths: list[str], config: OREPAConfig) -> Non
         conv = root.get_submodule(path)
         if not isinstance(conv, OREPAConv):
             convert_conv(root, conv, aliases(root, conv), config)
-
-

@@ -18,8 +18,10 @@ _COLOURS = {0: (220, 40, 40), 1: (40, 200, 60)}
 
 def _corners(cx: float, cy: float, w: float, h: float, angle: float) -> list[tuple[float, float]]:
     c, s = math.cos(angle), math.sin(angle)
-    return [(cx + dx * c - dy * s, cy + dx * s + dy * c) for dx, dy in
-            ((-w / 2, -h / 2), (w / 2, -h / 2), (w / 2, h / 2), (-w / 2, h / 2))]
+    return [
+        (cx + dx * c - dy * s, cy + dx * s + dy * c)
+        for dx, dy in ((-w / 2, -h / 2), (w / 2, -h / 2), (w / 2, h / 2), (-w / 2, h / 2))
+    ]
 
 
 def _image(rng: random.Random, imgsz: int, task: str):
@@ -53,8 +55,9 @@ def _label(task: str, obj) -> str:
     raise ValueError(task)
 
 
-def make_dataset(root: str | Path, task: str = "detect", n_train: int = 8, n_val: int = 4, imgsz: int = 96,
-                 seed: int = 0) -> Path:
+def make_dataset(
+    root: str | Path, task: str = "detect", n_train: int = 8, n_val: int = 4, imgsz: int = 96, seed: int = 0
+) -> Path:
     """Write a dataset for ``task`` under ``root``; return what ``model.train(data=...)`` takes (a data YAML,
     or for ``classify`` the dataset folder)."""
     if task not in TASKS:
@@ -102,9 +105,20 @@ def _shape_points(kind: str, cx: float, cy: float, w: float, h: float, rng: rand
         return [(cx - w / 2, y0), (cx + w / 2, y0), (cx, y1)]
     if kind == "cross":
         a, b = w / 6, h / 6
-        return [(cx - a, cy - h / 2), (cx + a, cy - h / 2), (cx + a, cy - b), (cx + w / 2, cy - b), (cx + w / 2, cy + b),
-                (cx + a, cy + b), (cx + a, cy + h / 2), (cx - a, cy + h / 2), (cx - a, cy + b), (cx - w / 2, cy + b),
-                (cx - w / 2, cy - b), (cx - a, cy - b)]
+        return [
+            (cx - a, cy - h / 2),
+            (cx + a, cy - h / 2),
+            (cx + a, cy - b),
+            (cx + w / 2, cy - b),
+            (cx + w / 2, cy + b),
+            (cx + a, cy + b),
+            (cx + a, cy + h / 2),
+            (cx - a, cy + h / 2),
+            (cx - a, cy + b),
+            (cx - w / 2, cy + b),
+            (cx - w / 2, cy - b),
+            (cx - a, cy - b),
+        ]
     return _corners(cx, cy, w, h, 0.0)
 
 
@@ -146,8 +160,13 @@ def _target_points(kind: str, cx: float, cy: float, w: float, h: float) -> list[
     if kind == "diamond":
         return [(cx, cy - h / 2), (cx + w / 2, cy), (cx, cy + h / 2), (cx - w / 2, cy)]
     if kind == "star":
-        return [(cx + (w / 2 if i % 2 == 0 else w / 5) * math.sin(i * math.pi / 5),
-                 cy - (h / 2 if i % 2 == 0 else h / 5) * math.cos(i * math.pi / 5)) for i in range(10)]
+        return [
+            (
+                cx + (w / 2 if i % 2 == 0 else w / 5) * math.sin(i * math.pi / 5),
+                cy - (h / 2 if i % 2 == 0 else h / 5) * math.cos(i * math.pi / 5),
+            )
+            for i in range(10)
+        ]
     if kind == "hexagon":
         return [(cx + w / 2 * math.cos(i * math.pi / 3), cy + h / 2 * math.sin(i * math.pi / 3)) for i in range(6)]
     if kind == "bar":  # a thin bar along the longer side of the box
@@ -211,8 +230,9 @@ def _write_detection(root: Path, splits: dict[str, int], draw, names: dict[int, 
     return data
 
 
-def make_detection_benchmark(root: str | Path, n_train: int = 240, n_val: int = 80, imgsz: int = 64,
-                             seed: int = 0, n_test: int = 0) -> Path:
+def make_detection_benchmark(
+    root: str | Path, n_train: int = 240, n_val: int = 80, imgsz: int = 64, seed: int = 0, n_test: int = 0
+) -> Path:
     """A harder detection dataset for efficacy experiments: four shape classes (the class is the shape, the colour
     is random), 1-5 objects per image at sizes 12-50 % of the image, overlaps allowed, random lines and blobs as
     clutter on a noisy, tinted background. With ``n_test`` a held-out ``test`` split too. Returns the data YAML."""
@@ -220,8 +240,9 @@ def make_detection_benchmark(root: str | Path, n_train: int = 240, n_val: int = 
     return _write_detection(Path(root), splits, _draw_shapes_image, SHAPES, imgsz, seed)
 
 
-def make_finetune_target(root: str | Path, n_train: int = 240, n_val: int = 80, n_test: int = 80, imgsz: int = 64,
-                         seed: int = 1) -> Path:
+def make_finetune_target(
+    root: str | Path, n_train: int = 240, n_val: int = 80, n_test: int = 80, imgsz: int = 64, seed: int = 1
+) -> Path:
     """Task B of the fine-tuning study, unlike :func:`make_detection_benchmark` (task A) in classes (ring,
     diamond, star, hexagon, bar), colours (pastel or dark palettes) and backgrounds (striped gradients, dots),
     with train / val / test splits. Returns the data YAML."""

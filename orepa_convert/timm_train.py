@@ -37,8 +37,8 @@ from torch import nn
 from orepa_convert import OREPAConfig, OREPAConv, convert_to_orepa, fold_orepa, restore_from_orepa_state, save
 from orepa_convert.config import INITS
 from orepa_convert.errors import OREPAError
-from orepa_convert.surgery import is_converted
 from orepa_convert.state import STATE_KEY
+from orepa_convert.surgery import is_converted
 
 
 def _setup_distributed(device_arg: str) -> tuple[torch.device, int, int]:
@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--output", default="runs/timm_orepa")
-    parser.add_argument("--pretrained-checkpoint", help="a plain timm state_dict to start from (loaded before conversion)")
+    parser.add_argument(
+        "--pretrained-checkpoint", help="a plain timm state_dict to start from (loaded before conversion)"
+    )
     parser.add_argument("--init", choices=list(INITS), default="preserve")
     parser.add_argument("--plain", action="store_true", help="train without OREPA (the baseline of a comparison)")
     parser.add_argument("--resume", help="an OREPA checkpoint written by this recipe (last.pth)")
@@ -119,9 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-epochs", type=int, default=0)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                        help="torch.compile the training model (as timm's train.py; default backend inductor); "
-                             "evaluation, EMA and folding use the eager model")
+    parser.add_argument(
+        "--torchcompile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        metavar="BACKEND",
+        help="torch.compile the training model (as timm's train.py; default backend inductor); "
+        "evaluation, EMA and folding use the eager model",
+    )
     args = parser.parse_args(argv)
 
     from timm.data import create_dataset, create_loader
@@ -139,12 +147,20 @@ def main(argv: list[str] | None = None) -> int:
     train_set = create_dataset("", root=args.data_dir, split="train", is_training=True)
     val_set = create_dataset("", root=args.data_dir, split="val")
     num_classes = len(train_set.reader.class_to_idx)
-    loader_args = dict(input_size=(3, args.img_size, args.img_size), batch_size=args.batch_size,
-                       num_workers=args.workers, use_prefetcher=False, device=device, persistent_workers=False)
+    loader_args = dict(
+        input_size=(3, args.img_size, args.img_size),
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        use_prefetcher=False,
+        device=device,
+        persistent_workers=False,
+    )
     train_loader = create_loader(train_set, is_training=True, distributed=world > 1, **loader_args)
     if len(train_loader) == 0:  # the training loader drops the last incomplete batch
-        parser.error(f"{len(train_set)} training images make no full batch of --batch-size {args.batch_size} per "
-                     f"process ({world} process(es)): nothing would be trained; lower --batch-size")
+        parser.error(
+            f"{len(train_set)} training images make no full batch of --batch-size {args.batch_size} per "
+            f"process ({world} process(es)): nothing would be trained; lower --batch-size"
+        )
     val_loader = create_loader(val_set, is_training=False, distributed=False, crop_pct=1.0, **loader_args)
 
     resume = torch.load(args.resume, map_location="cpu", weights_only=True) if args.resume else None
@@ -152,12 +168,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.resume} has no OREPA record ('{STATE_KEY}'): resume from a last.pth this recipe wrote")
     model, converted = build(args, num_classes, resume[STATE_KEY] if resume else None)
     if main_process:
-        print(f"OREPA: converted {converted} convs of {args.model}" if not args.plain else f"plain {args.model} (no OREPA)")
+        print(
+            f"OREPA: converted {converted} convs of {args.model}"
+            if not args.plain
+            else f"plain {args.model} (no OREPA)"
+        )
     model.to(device)
     if args.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr * world, weight_decay=args.weight_decay)
-    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=args.epochs, warmup_epochs=args.warmup_epochs)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched="cosine", num_epochs=args.epochs, warmup_epochs=args.warmup_epochs
+    )
     ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
     start_epoch = 0
     if resume is not None:
@@ -197,24 +219,42 @@ def main(argv: list[str] | None = None) -> int:
         if main_process:
             print(f"epoch {epoch + 1}/{args.epochs}: val top-1 {acc:.4f} ({time.time() - t0:.1f}s)")
             # the record, the OREPA weights and the folded plain weights ("state_dict", which stock timm loads)
-            save(model, out_dir / "last.pth", optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                 epoch=epoch, ema=ema.module.state_dict() if ema is not None else None, args=vars(args))
+            save(
+                model,
+                out_dir / "last.pth",
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                epoch=epoch,
+                ema=ema.module.state_dict() if ema is not None else None,
+                args=vars(args),
+            )
 
     final = copy.deepcopy(ema.module if ema is not None else model).eval()
     acc_orepa, logits_orepa = evaluate(final, val_loader, device)
     if not args.plain:
         fold_orepa(final)
     if is_converted(final):
-        raise OREPAError(f"folding left {sum(isinstance(m, OREPAConv) for m in final.modules())} OREPA block(s) in the final model")
+        raise OREPAError(
+            f"folding left {sum(isinstance(m, OREPAConv) for m in final.modules())} OREPA block(s) in the final model"
+        )
     acc_folded, logits_folded = evaluate(final, val_loader, device)
     rel = ((logits_folded - logits_orepa).abs().max() / logits_orepa.abs().max().clamp_min(1e-12)).item()
-    summary = {"model": args.model, "num_classes": num_classes, "converted": converted, "val_acc_orepa": acc_orepa,
-               "val_acc_folded": acc_folded, "fold_rel_err": rel, "history": history, "world_size": world,
-               "compiled": args.torchcompile}
+    summary = {
+        "model": args.model,
+        "num_classes": num_classes,
+        "converted": converted,
+        "val_acc_orepa": acc_orepa,
+        "val_acc_folded": acc_folded,
+        "fold_rel_err": rel,
+        "history": history,
+        "world_size": world,
+        "compiled": args.torchcompile,
+    }
     if (Path(args.data_dir) / "test").is_dir():
         test_set = create_dataset("", root=args.data_dir, split="test")
-        summary["test_acc"], _ = evaluate(final, create_loader(test_set, is_training=False, distributed=False,
-                                                               crop_pct=1.0, **loader_args), device)
+        summary["test_acc"], _ = evaluate(
+            final, create_loader(test_set, is_training=False, distributed=False, crop_pct=1.0, **loader_args), device
+        )
     ok = acc_folded == acc_orepa and rel <= 1e-5
     if main_process:
         torch.save({k: v.detach().cpu() for k, v in final.state_dict().items()}, out_dir / "folded.pth")
@@ -225,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             import onnxruntime as ort
 
             ort_out = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(
-                None, {"images": dummy.cpu().numpy()})[0]
+                None, {"images": dummy.cpu().numpy()}
+            )[0]
             with torch.no_grad():
                 ref = final(dummy).float().cpu().numpy()
             summary["onnx_rel_err"] = float(abs(ort_out - ref).max() / abs(ref).max())

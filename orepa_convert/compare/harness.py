@@ -112,9 +112,14 @@ class Results:
             try:
                 old = json.loads(self.path.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError) as exc:
-                raise CompareError(f"{self.path} is not a compare.json this tool wrote ({exc}); use another --project") from None
-            before = CompareSettings(**{**old["settings"], "variants": tuple(old["settings"]["variants"])}).fingerprint() \
-                if isinstance(old, dict) and "settings" in old else None
+                raise CompareError(
+                    f"{self.path} is not a compare.json this tool wrote ({exc}); use another --project"
+                ) from None
+            before = (
+                CompareSettings(**{**old["settings"], "variants": tuple(old["settings"]["variants"])}).fingerprint()
+                if isinstance(old, dict) and "settings" in old
+                else None
+            )
             if before != settings.fingerprint():
                 raise CompareError(
                     f"{self.path} holds runs made with other settings ({before}); resume with the same model, data, "
@@ -162,15 +167,21 @@ def run_in_subprocess(settings: CompareSettings, job: Job, run_dir: Path) -> lis
     out.unlink(missing_ok=True)
     log = run_dir / "log.txt"
     with open(log, "w", encoding="utf-8") as fh:
-        proc = subprocess.run([sys.executable, "-m", "orepa_convert.compare.worker", str(run_dir / "job.json"), str(out)],
-                              stdout=fh, stderr=subprocess.STDOUT, check=False)
+        proc = subprocess.run(
+            [sys.executable, "-m", "orepa_convert.compare.worker", str(run_dir / "job.json"), str(out)],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
     if proc.returncode != 0 or not out.exists():
         tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] or ["(no output)"]
         raise CompareRunError(f"run {job.name()} failed (exit {proc.returncode}): {tail[0]} -- full log: {log}")
     return json.loads(out.read_text(encoding="utf-8"))
 
 
-def choose_lrs(settings: CompareSettings, results: Results, metric: str, epochs_of: dict[str, int]) -> dict[str, float | None]:
+def choose_lrs(
+    settings: CompareSettings, results: Results, metric: str, epochs_of: dict[str, int]
+) -> dict[str, float | None]:
     """Each variant's learning rate: the one with the best mean validation metric over the selection seeds (the
     only one when there is no selection)."""
     if not settings.selecting:
@@ -179,17 +190,26 @@ def choose_lrs(settings: CompareSettings, results: Results, metric: str, epochs_
     for variant in settings.variants:
         scores = {}
         for lr in settings.lrs:
-            values = [r[metric] for r in results.runs
-                      if (r["variant"], r["lr"], r["epochs"], r["split"]) == (variant, lr, epochs_of[variant], "val")
-                      and r["seed"] in settings.selection_seeds]
+            values = [
+                r[metric]
+                for r in results.runs
+                if (r["variant"], r["lr"], r["epochs"], r["split"]) == (variant, lr, epochs_of[variant], "val")
+                and r["seed"] in settings.selection_seeds
+            ]
             if values:
                 scores[lr] = sum(values) / len(values)
         chosen[variant] = max(scores, key=lambda lr: scores[lr]) if scores else None
     return chosen
 
 
-def run_compare(settings: CompareSettings, *, runner: Runner = run_in_subprocess, has_test: bool = False,
-                metric: str = "map50_95", progress: bool = True) -> dict[str, Any]:
+def run_compare(
+    settings: CompareSettings,
+    *,
+    runner: Runner = run_in_subprocess,
+    has_test: bool = False,
+    metric: str = "map50_95",
+    progress: bool = True,
+) -> dict[str, Any]:
     """Run (or resume) the comparison and write ``compare.json``, ``compare.md`` and ``compare.png`` in the
     project folder; return the ``compare.json`` content."""
     from tqdm import tqdm
@@ -217,8 +237,10 @@ def run_compare(settings: CompareSettings, *, runner: Runner = run_in_subprocess
     if settings.budget == "time":  # plain trains as long (wall time) as OREPA does at equal epochs
         seed = settings.selection_seeds[0] if settings.selecting else settings.seeds[0]
         timing = execute(Job("plain", first_lr, seed, epochs, "timing"))[0]["wall_seconds"]
-        orepa_seconds = [execute(Job(v, first_lr, seed, epochs, "select" if settings.selecting else "report"))[0]["wall_seconds"]
-                         for v in orepa]
+        orepa_seconds = [
+            execute(Job(v, first_lr, seed, epochs, "select" if settings.selecting else "report"))[0]["wall_seconds"]
+            for v in orepa
+        ]
         plain_epochs = max(1, round(epochs * (sum(orepa_seconds) / len(orepa_seconds)) / timing))
         results.data["meta"]["plain_epochs"] = plain_epochs
         if plain_epochs == epochs:  # the timing run is also a run of the comparison
@@ -252,19 +274,35 @@ def _planned(settings: CompareSettings) -> int:
     n = len(settings.variants)
     total = len(settings.seeds) * n
     if settings.selecting:  # a selection seed's run at the chosen rate is also its reported run
-        total += (len(settings.selection_seeds) * len(settings.lrs) - len(set(settings.selection_seeds) & set(settings.seeds))) * n
+        total += (
+            len(settings.selection_seeds) * len(settings.lrs) - len(set(settings.selection_seeds) & set(settings.seeds))
+        ) * n
     if settings.budget == "time":
         total += 1  # plain at equal epochs (the OREPA timing runs are runs of the comparison)
     return total
 
 
 def _summary_dict(s: Any) -> dict[str, Any]:
-    row = {"variant": s.variant, "lr": s.lr, "n": s.n, "mean": s.mean, "std": s.std, "epochs": s.epochs,
-           "mean_wall_seconds": s.mean_seconds, "mean_peak_memory_mb": s.mean_memory_mb}
+    row = {
+        "variant": s.variant,
+        "lr": s.lr,
+        "n": s.n,
+        "mean": s.mean,
+        "std": s.std,
+        "epochs": s.epochs,
+        "mean_wall_seconds": s.mean_seconds,
+        "mean_peak_memory_mb": s.mean_memory_mb,
+    }
     if s.paired is not None:
-        row.update(seeds=s.paired.seeds, deltas=s.paired.deltas, mean_delta=s.paired.mean,
-                   ci95=list(s.paired.interval) if s.paired.interval else None, seeds_better=s.paired.better,
-                   time_ratio=s.time_ratio, memory_ratio=s.memory_ratio)
+        row.update(
+            seeds=s.paired.seeds,
+            deltas=s.paired.deltas,
+            mean_delta=s.paired.mean,
+            ci95=list(s.paired.interval) if s.paired.interval else None,
+            seeds_better=s.paired.better,
+            time_ratio=s.time_ratio,
+            memory_ratio=s.memory_ratio,
+        )
     return row
 
 
@@ -277,7 +315,9 @@ def check_paths(settings: CompareSettings) -> None:
     if settings.backend == "timm":
         missing = [s for s in ("train", "val") if not (data / s).is_dir()]
         if missing:
-            raise CompareError(f"{settings.data} needs train/ and val/ ImageFolder splits (missing: {', '.join(missing)})")
+            raise CompareError(
+                f"{settings.data} needs train/ and val/ ImageFolder splits (missing: {', '.join(missing)})"
+            )
     model = Path(settings.model)
     if settings.backend == "ultralytics" and model.suffix == ".pt" and not model.exists():
         raise CompareError(f"model file {settings.model} does not exist (nothing is downloaded)")

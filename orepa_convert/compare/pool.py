@@ -102,7 +102,7 @@ def pool_effects(tasks: Sequence[TaskEffect]) -> Pooled:
     keys = {(t.variant, t.budget, t.effect) for t in tasks}
     if len(keys) != 1:
         raise PoolError(f"pool one variant, budget and effect at a time, got {sorted(keys)}")
-    (variant, budget, effect), = keys
+    ((variant, budget, effect),) = keys
     y = [t.estimate for t in tasks]
     v = [t.variance for t in tasks]
     k = len(tasks)
@@ -137,8 +137,10 @@ def read_study(folder: str | Path, effect: str = "raw") -> list[TaskEffect]:
         data = json.loads(path.read_text(encoding="utf-8"))
         settings, metric, rows = data["settings"], data["metric"], data["summary"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise PoolError(f"{path} is not a finished comparison ({type(exc).__name__}: {exc}); rerun that "
-                        f"`orepa-convert compare` to finish it") from None
+        raise PoolError(
+            f"{path} is not a finished comparison ({type(exc).__name__}: {exc}); rerun that "
+            f"`orepa-convert compare` to finish it"
+        ) from None
     task = str(data.get("meta", {}).get("task") or Path(folder).name)
     out = []
     for row in rows:
@@ -146,11 +148,15 @@ def read_study(folder: str | Path, effect: str = "raw") -> list[TaskEffect]:
         if row.get("variant") == "plain" or not deltas:
             continue
         if len(deltas) < 2:
-            raise PoolError(f"{path}: {row['variant']} has 1 paired seed; pooling needs at least 2 per task "
-                            f"(rerun it with more --seeds)")
+            raise PoolError(
+                f"{path}: {row['variant']} has 1 paired seed; pooling needs at least 2 per task "
+                f"(rerun it with more --seeds)"
+            )
         if statistics.stdev(deltas) == 0:
-            raise PoolError(f"{path}: {row['variant']}'s paired differences are all equal, so their variance is 0 "
-                            f"and the task cannot be weighted; check that the runs really differ")
+            raise PoolError(
+                f"{path}: {row['variant']}'s paired differences are all equal, so their variance is 0 "
+                f"and the task cannot be weighted; check that the runs really differ"
+            )
         out.append(TaskEffect(task, row["variant"], settings.get("budget", "epochs"), metric, deltas, effect))
     if not out:
         raise PoolError(f"{path} has no OREPA variant paired with plain yet; rerun that comparison to finish it")
@@ -186,33 +192,72 @@ def verdict(p: Pooled) -> str:
         return f"{head}; one task gives no pooled interval: pool more tasks"
     lo, hi = p.interval
     better = sum(t.estimate > 0 for t in p.tasks)
-    resolved = "no evidence of a difference" if lo <= 0 <= hi else ("better than plain" if lo > 0 else "worse than plain")
-    spread = (f"between-task SD {math.sqrt(p.tau2):.4f}, I^2 {100 * p.i2:.0f}%"
-              + (f"; on a new task expect {_fmt(p.prediction)}" if p.prediction else ""))
+    resolved = (
+        "no evidence of a difference" if lo <= 0 <= hi else ("better than plain" if lo > 0 else "worse than plain")
+    )
+    spread = f"between-task SD {math.sqrt(p.tau2):.4f}, I^2 {100 * p.i2:.0f}%" + (
+        f"; on a new task expect {_fmt(p.prediction)}" if p.prediction else ""
+    )
     return f"{head} (95% CI {lo:+.4f} to {hi:+.4f}, {better}/{p.k} tasks better): {resolved}; {spread}"
 
 
 def to_dict(pooled: Sequence[Pooled]) -> dict[str, Any]:
-    return {"method": "DerSimonian-Laird random effects, Hartung-Knapp interval",
-            "pooled": [{"variant": p.variant, "budget": p.budget, "effect": p.effect, "k": p.k, "mu": p.mu,
-                        "se": p.se, "ci95": list(p.interval) if p.interval else None, "tau2": p.tau2, "q": p.q,
-                        "i2": p.i2, "prediction95": list(p.prediction) if p.prediction else None,
-                        "verdict": verdict(p),
-                        "tasks": [{"task": t.task, "metric": t.metric, "n": t.n, "deltas": list(t.deltas),
-                                   "estimate": t.estimate, "variance": t.variance, "ci95": list(t.interval)}
-                                  for t in p.tasks]} for p in pooled]}
+    return {
+        "method": "DerSimonian-Laird random effects, Hartung-Knapp interval",
+        "pooled": [
+            {
+                "variant": p.variant,
+                "budget": p.budget,
+                "effect": p.effect,
+                "k": p.k,
+                "mu": p.mu,
+                "se": p.se,
+                "ci95": list(p.interval) if p.interval else None,
+                "tau2": p.tau2,
+                "q": p.q,
+                "i2": p.i2,
+                "prediction95": list(p.prediction) if p.prediction else None,
+                "verdict": verdict(p),
+                "tasks": [
+                    {
+                        "task": t.task,
+                        "metric": t.metric,
+                        "n": t.n,
+                        "deltas": list(t.deltas),
+                        "estimate": t.estimate,
+                        "variance": t.variance,
+                        "ci95": list(t.interval),
+                    }
+                    for t in p.tasks
+                ],
+            }
+            for p in pooled
+        ],
+    }
 
 
 def render_markdown(pooled: Sequence[Pooled]) -> str:
-    lines = ["# OREPA vs plain across tasks: pooled comparison", "",
-             "Random effects (DerSimonian-Laird), 95% interval by Hartung-Knapp; the prediction interval is where "
-             "the effect on a new task is expected to fall.", ""]
+    lines = [
+        "# OREPA vs plain across tasks: pooled comparison",
+        "",
+        "Random effects (DerSimonian-Laird), 95% interval by Hartung-Knapp; the prediction interval is where "
+        "the effect on a new task is expected to fall.",
+        "",
+    ]
     for p in pooled:
-        lines += [f"## {p.variant}, {p.budget} budget ({p.effect} effect)", "",
-                  "| task | metric | seeds | effect | 95% CI |", "|---|---|---|---|---|"]
+        lines += [
+            f"## {p.variant}, {p.budget} budget ({p.effect} effect)",
+            "",
+            "| task | metric | seeds | effect | 95% CI |",
+            "|---|---|---|---|---|",
+        ]
         lines += [f"| {t.task} | {t.metric} | {t.n} | {t.estimate:+.4f} | {_fmt(t.interval)} |" for t in p.tasks]
-        lines += [f"| **pooled** | | {sum(t.n for t in p.tasks)} | **{p.mu:+.4f}** | {_fmt(p.interval)} |", "",
-                  f"- {verdict(p)}", ""]
+        lines += [
+            f"| **pooled** | | {sum(t.n for t in p.tasks)} | **{p.mu:+.4f}** | {_fmt(p.interval)} |",
+            "",
+            f"- {verdict(p)}",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -233,8 +278,9 @@ def write_forest_plot(path: Path, pooled: Sequence[Pooled]) -> bool:
     for p in pooled:
         for t in p.tasks:
             lo, hi = t.interval
-            ax.errorbar([t.estimate], [y], xerr=[[t.estimate - lo], [hi - t.estimate]], fmt="s", color="tab:blue",
-                        capsize=3)
+            ax.errorbar(
+                [t.estimate], [y], xerr=[[t.estimate - lo], [hi - t.estimate]], fmt="s", color="tab:blue", capsize=3
+            )
             ticks.append((y, f"{t.task} (n={t.n})"))
             y -= 1
         lo, hi = p.interval if p.interval else (p.mu, p.mu)
@@ -245,8 +291,11 @@ def write_forest_plot(path: Path, pooled: Sequence[Pooled]) -> bool:
         y -= 2
     ax.axvline(0, color="gray", ls="--", lw=1)
     ax.set_yticks([t for t, _ in ticks], [label for _, label in ticks], fontsize=8)
-    ax.set_xlabel("effect vs plain (" + ("standardised" if pooled and pooled[0].effect == "standardised" else
-                                         "metric points") + ")")
+    ax.set_xlabel(
+        "effect vs plain ("
+        + ("standardised" if pooled and pooled[0].effect == "standardised" else "metric points")
+        + ")"
+    )
     ax.set_title("OREPA vs plain by task (95% intervals)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -72,7 +72,9 @@ class PeakMemory:
         return None
 
 
-def run_ultralytics(settings: dict[str, Any], job: dict[str, Any], run_dir: Path, has_test: bool) -> list[dict[str, Any]]:
+def run_ultralytics(
+    settings: dict[str, Any], job: dict[str, Any], run_dir: Path, has_test: bool
+) -> list[dict[str, Any]]:
     """Train ``job`` with the ultralytics trainer; evaluate ``best.pt`` (folded) on val and, if any, test."""
     from ultralytics import YOLO
 
@@ -84,8 +86,15 @@ def run_ultralytics(settings: dict[str, Any], job: dict[str, Any], run_dir: Path
     if variant != "plain":
         convert_to_orepa(model, init=variant, seed=seed, restore=False)  # an OREPA best.pt: its folded weights
     args: dict[str, Any] = {"plots": False, "verbose": False, **settings["train_args"]}
-    args.update(data=settings["data"], epochs=job["epochs"], seed=seed, deterministic=True, project=str(run_dir),
-                name="train", exist_ok=True)
+    args.update(
+        data=settings["data"],
+        epochs=job["epochs"],
+        seed=seed,
+        deterministic=True,
+        project=str(run_dir),
+        name="train",
+        exist_ok=True,
+    )
     if settings.get("imgsz"):
         args["imgsz"] = settings["imgsz"]
     if job["lr"] is not None:
@@ -102,12 +111,29 @@ def run_ultralytics(settings: dict[str, Any], job: dict[str, Any], run_dir: Path
     evaluated = {"val": metrics.results_dict}
     if has_test:
         val_args = {k: args[k] for k in ("imgsz", "batch", "device", "workers", "half") if k in args}
-        evaluated["test"] = model.val(data=settings["data"], split="test", plots=False, verbose=False,
-                                      project=str(run_dir), name="test", exist_ok=True, **val_args).results_dict
+        evaluated["test"] = model.val(
+            data=settings["data"],
+            split="test",
+            plots=False,
+            verbose=False,
+            project=str(run_dir),
+            name="test",
+            exist_ok=True,
+            **val_args,
+        ).results_dict
     return [
-        {"variant": variant, "lr": job["lr"], "seed": seed, "split": split, "epochs": job["epochs"], name: float(values[key]),
-         "metrics": {_snake(k): float(v) for k, v in values.items()}, "wall_seconds": wall, "peak_memory_mb": peak,
-         "memory_kind": memory.kind}
+        {
+            "variant": variant,
+            "lr": job["lr"],
+            "seed": seed,
+            "split": split,
+            "epochs": job["epochs"],
+            name: float(values[key]),
+            "metrics": {_snake(k): float(v) for k, v in values.items()},
+            "wall_seconds": wall,
+            "peak_memory_mb": peak,
+            "memory_kind": memory.kind,
+        }
         for split, values in evaluated.items()
     ]
 
@@ -118,8 +144,18 @@ _TIMM_FLAGS = {"batch": "--batch-size", "imgsz": "--img-size"}
 
 def timm_recipe_args(settings: dict[str, Any], job: dict[str, Any], output: Path) -> list[str]:
     """The :mod:`orepa_convert.timm_train` command line of one comparison run."""
-    argv = ["--model", settings["model"], "--data-dir", settings["data"], "--epochs", str(job["epochs"]),
-            "--seed", str(job["seed"]), "--output", str(output)]
+    argv = [
+        "--model",
+        settings["model"],
+        "--data-dir",
+        settings["data"],
+        "--epochs",
+        str(job["epochs"]),
+        "--seed",
+        str(job["seed"]),
+        "--output",
+        str(output),
+    ]
     argv += ["--plain"] if job["variant"] == "plain" else ["--init", job["variant"]]
     if job["lr"] is not None:
         argv += ["--lr", repr(job["lr"])]
@@ -154,8 +190,17 @@ def run_timm(settings: dict[str, Any], job: dict[str, Any], run_dir: Path, has_t
     if has_test:
         evaluated["test"] = summary["test_acc"]
     return [
-        {"variant": job["variant"], "lr": job["lr"], "seed": job["seed"], "split": split, "epochs": job["epochs"],
-         "top1": float(value), "metrics": {"top1": float(value)}, "wall_seconds": wall, "peak_memory_mb": peak,
-         "memory_kind": memory.kind}
+        {
+            "variant": job["variant"],
+            "lr": job["lr"],
+            "seed": job["seed"],
+            "split": split,
+            "epochs": job["epochs"],
+            "top1": float(value),
+            "metrics": {"top1": float(value)},
+            "wall_seconds": wall,
+            "peak_memory_mb": peak,
+            "memory_kind": memory.kind,
+        }
         for split, value in evaluated.items()
     ]

@@ -91,23 +91,28 @@ class VariantSummary:
         return statistics.fmean(known) if known else None
 
 
-def summarise(runs: Sequence[Mapping], metric: str, split: str,
-              chosen: Mapping[str, tuple[float | None, int]]) -> list[VariantSummary]:
+def summarise(
+    runs: Sequence[Mapping], metric: str, split: str, chosen: Mapping[str, tuple[float | None, int]]
+) -> list[VariantSummary]:
     """Summaries of the ``split`` records of ``runs`` for each variant at its chosen ``(lr, epochs)``, plain
     first, paired by seed with plain's. A run record has ``variant``, ``lr``, ``seed``, ``split``, ``epochs``,
     ``wall_seconds``, ``peak_memory_mb`` and the metric under its name."""
     out: list[VariantSummary] = []
     for variant in sorted(chosen, key=lambda v: v != "plain"):
         lr, epochs = chosen[variant]
-        mine = [r for r in runs
-                if (r["variant"], r["lr"], r["epochs"], r["split"]) == (variant, lr, epochs, split)]
+        mine = [r for r in runs if (r["variant"], r["lr"], r["epochs"], r["split"]) == (variant, lr, epochs, split)]
         if not mine:
             continue
-        out.append(VariantSummary(
-            variant=variant, lr=lr, values={r["seed"]: float(r[metric]) for r in mine},
-            seconds={r["seed"]: float(r["wall_seconds"]) for r in mine},
-            memory_mb={r["seed"]: r.get("peak_memory_mb") for r in mine}, epochs=epochs,
-        ))
+        out.append(
+            VariantSummary(
+                variant=variant,
+                lr=lr,
+                values={r["seed"]: float(r[metric]) for r in mine},
+                seconds={r["seed"]: float(r["wall_seconds"]) for r in mine},
+                memory_mb={r["seed"]: r.get("peak_memory_mb") for r in mine},
+                epochs=epochs,
+            )
+        )
     plain = next((s for s in out if s.variant == "plain"), None)
     if plain is None:
         return out
@@ -128,8 +133,10 @@ def verdict(summary: VariantSummary, metric: str) -> str:
     if p is None or p.n == 0:
         return f"{summary.variant}: no seed in common with plain, nothing to compare"
     if p.n == 1:
-        return (f"{summary.variant}: {p.mean:+.4f} {metric} vs plain on 1 seed; one seed cannot give an interval, so "
-                f"this says nothing about a difference: run more seeds (e.g. --seeds 0 1 2)")
+        return (
+            f"{summary.variant}: {p.mean:+.4f} {metric} vs plain on 1 seed; one seed cannot give an interval, so "
+            f"this says nothing about a difference: run more seeds (e.g. --seeds 0 1 2)"
+        )
     lo, hi = p.interval  # type: ignore[misc]
     head = f"{summary.variant}: {p.mean:+.4f} {metric} vs plain (95% CI {lo:+.4f} to {hi:+.4f}, {p.better}/{p.n} seeds better)"
     if lo <= 0 <= hi:

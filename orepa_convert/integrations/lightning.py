@@ -35,8 +35,8 @@ from torch import nn
 
 from ..config import OREPAConfig
 from ..convert import convert_to_orepa
-from ..fold import fold_orepa
 from ..errors import OREPAStateError
+from ..fold import fold_orepa
 from ..state import orepa_state, restore_from_orepa_state
 from ..surgery import is_converted
 
@@ -68,8 +68,14 @@ class OREPA(Callback):
         fold_on_end: fold the network into plain convs when ``fit`` ends.
     """
 
-    def __init__(self, config: OREPAConfig | None = None, *, module_attr: str | None = None,
-                 fold_on_end: bool = False, **overrides: Any) -> None:
+    def __init__(
+        self,
+        config: OREPAConfig | None = None,
+        *,
+        module_attr: str | None = None,
+        fold_on_end: bool = False,
+        **overrides: Any,
+    ) -> None:
         self.config = config.replace(**overrides) if config is not None else OREPAConfig(**overrides)
         self.module_attr = module_attr
         self.fold_on_end = fold_on_end
@@ -90,8 +96,10 @@ class OREPA(Callback):
         saved = checkpoint.get(CHECKPOINT_KEY)
         net = _network(pl_module, self.module_attr)
         if saved is not None and orepa_state(net)["groups"] != saved["record"]["groups"]:
-            raise OREPAStateError("the checkpoint was written with another OREPA conversion than this callback's: "
-                                  "resume with the OREPA callback (same config) of the run that wrote it")
+            raise OREPAStateError(
+                "the checkpoint was written with another OREPA conversion than this callback's: "
+                "resume with the OREPA callback (same config) of the run that wrote it"
+            )
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.fold_on_end:

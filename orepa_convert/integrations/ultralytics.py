@@ -52,8 +52,8 @@ from ultralytics.nn.tasks import BaseModel
 from ..block import OREPAConv
 from ..config import OREPAConfig
 from ..convert import convert_to_orepa
-from ..fold import fold_orepa
 from ..errors import OREPAStateError
+from ..fold import fold_orepa
 from ..state import (
     carried_state,
     fold_carrying_state,
@@ -148,7 +148,9 @@ def _version(t: torch.Tensor) -> int:
 
 
 def _version_key(model: nn.Module) -> tuple:
-    return tuple((id(t), t.data_ptr(), _version(t), t.dtype, t.device) for t in chain(model.parameters(), model.buffers()))
+    return tuple(
+        (id(t), t.data_ptr(), _version(t), t.dtype, t.device) for t in chain(model.parameters(), model.buffers())
+    )
 
 
 class FoldedFuse:
@@ -169,7 +171,10 @@ class FoldedFuse:
     def _key(self) -> tuple:
         source = self._source() if self._source is not None else None
         if source is not None and source._key() == self._source_key:
-            pairs = zip(chain(self.model.parameters(), self.model.buffers()), chain(source.model.parameters(), source.model.buffers()))
+            pairs = zip(
+                chain(self.model.parameters(), self.model.buffers()),
+                chain(source.model.parameters(), source.model.buffers()),
+            )
             if all(a.shape == b.shape and torch.equal(a, b) for a, b in pairs):
                 return self._source_key
         return _version_key(self.model)
@@ -200,8 +205,13 @@ class FoldedFuse:
 class OREPATrainerMixin:
     """Mixed into each ultralytics task trainer; see the module docstring."""
 
-    def __init__(self, cfg: Any = None, overrides: dict | None = None, _callbacks: Any = None,
-                 orepa_start: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Any = None,
+        overrides: dict | None = None,
+        _callbacks: Any = None,
+        orepa_start: nn.Module | None = None,
+    ) -> None:
         overrides = {k: v for k, v in (overrides or {}).items() if k != LEGACY_KEY}
         self._orepa_start = orepa_start  # the in-memory model the user converted (e.g. built from a YAML)
         self._orepa_handoff: WorkerHandOff | None = None
@@ -330,7 +340,8 @@ def _load_orepa_weights(model: nn.Module, weights: nn.Module) -> None:
     source = weights.float().state_dict()
     target = model.state_dict()
     usable = {
-        k: v for k, v in source.items()
+        k: v
+        for k, v in source.items()
         if k in target and v.shape == target[k].shape and (not k.endswith("_extra_state") or torch.equal(v, target[k]))
     }
     model.load_state_dict(usable, strict=False)
@@ -339,7 +350,9 @@ def _load_orepa_weights(model: nn.Module, weights: nn.Module) -> None:
     if missed:
         logger.warning(
             "OREPA: %d block tensor(s) were not in the checkpoint or changed shape (e.g. a head rebuilt for another "
-            "number of classes) and keep their fresh initialisation; first: %s", len(missed), missed[0]
+            "number of classes) and keep their fresh initialisation; first: %s",
+            len(missed),
+            missed[0],
         )
 
 
@@ -356,8 +369,14 @@ def exempt_scales_from_weight_decay(optimizer: torch.optim.Optimizer, model: nn.
             continue
         group["params"] = keep
         target = next(
-            (g for g in optimizer.param_groups if not g.get("weight_decay") and g.get("lr") == group.get("lr")
-             and g.get("param_group") == "bn" and not g.get("use_muon")),
+            (
+                g
+                for g in optimizer.param_groups
+                if not g.get("weight_decay")
+                and g.get("lr") == group.get("lr")
+                and g.get("param_group") == "bn"
+                and not g.get("use_muon")
+            ),
             None,
         )
         if target is None:
@@ -372,7 +391,7 @@ def exempt_scales_from_weight_decay(optimizer: torch.optim.Optimizer, model: nn.
     return moved
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _muon_takes(ndim: int) -> bool:
     """Whether this ultralytics' Muon update handles a tensor of ``ndim`` dimensions (8.4.100 asserts 2-D after
     flattening only 4-D conv filters; later versions flatten any rank)."""
@@ -398,8 +417,9 @@ def keep_muon_to_shapes_it_takes(optimizer: torch.optim.Optimizer) -> int:
         if not out:
             continue
         group["params"] = [p for p in group["params"] if _muon_takes(p.ndim)]
-        optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": out,
-                                   "use_muon": False})
+        optimizer.add_param_group(
+            {**{k: v for k, v in group.items() if k != "params"}, "params": out, "use_muon": False}
+        )
         moved += len(out)
     return moved
 
@@ -518,8 +538,6 @@ class WorkerHandOff:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
-
-
 
 
 def fold_checkpoint(source: str | os.PathLike, destination: str | os.PathLike) -> Path:

@@ -58,9 +58,11 @@ class TrainSummary:
     def lines(self) -> list[str]:
         fold = "n/a (no best.pt)" if self.fold_rel_err is None else f"{self.fold_rel_err:.2e} (<= 1e-5 expected)"
         how = "resumed/restored" if self.restored else "converted"
-        return [f"OREPA: {how} {self.blocks} blocks (init={self.init}); trained in {self.seconds:.0f} s",
-                f"OREPA: best.pt folded vs OREPA relative error {fold}",
-                f"OREPA: run folder {self.save_dir} (stock best.pt / last.pt, orepa.json)"]
+        return [
+            f"OREPA: {how} {self.blocks} blocks (init={self.init}); trained in {self.seconds:.0f} s",
+            f"OREPA: best.pt folded vs OREPA relative error {fold}",
+            f"OREPA: run folder {self.save_dir} (stock best.pt / last.pt, orepa.json)",
+        ]
 
 
 def _tuple(key: str, value: Any) -> tuple:
@@ -93,7 +95,9 @@ def parse_pairs(pairs: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     if yolo.pop("mode", "train") != "train":
         raise ValueError("orepa-convert train only trains: leave mode= out")
     if "model" not in yolo:
-        raise ValueError("give model=... (a .yaml to train from scratch, a .pt to fine-tune, or last.pt with resume=True)")
+        raise ValueError(
+            "give model=... (a .yaml to train from scratch, a .pt to fine-tune, or last.pt with resume=True)"
+        )
     ul_logger = logging.getLogger("ultralytics")
     level = ul_logger.level
     ul_logger.setLevel(logging.ERROR)  # check_dict_alignment logs the whole CLI help before it raises
@@ -144,8 +148,12 @@ def train(pairs: Sequence[str]) -> TrainSummary:
     save_dir = Path(model.trainer.save_dir)
     best = Path(model.trainer.best)
     summary = TrainSummary(save_dir, blocks, ",".join(sorted(init)), _fold_error(best, imgsz), seconds, report.restored)
-    data = {"orepa_state": record, "report": report.to_dict(),
-            "fold_check": {"checkpoint": str(best), "rel_err": summary.fold_rel_err}, "train_seconds": seconds}
+    data = {
+        "orepa_state": record,
+        "report": report.to_dict(),
+        "fold_check": {"checkpoint": str(best), "rel_err": summary.fold_rel_err},
+        "train_seconds": seconds,
+    }
     if save_dir.is_dir():
         (save_dir / "orepa.json").write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
     return summary
@@ -153,9 +161,11 @@ def train(pairs: Sequence[str]) -> TrainSummary:
 
 def help_text() -> str:
     keys = "\n".join(f"  {k}=...  {what}" for k, (_, what) in OREPA_KEYS.items())
-    return ("usage: orepa-convert train model=M data=D [yolo train key=value ...] [OREPA key=value ...]\n"
-            "       orepa-convert train --timm NAME --data-dir DIR [timm recipe options, see --timm --help]\n\n"
-            "Converts the model to OREPA, trains it with the ultralytics trainer and writes the run folder as\n"
-            "`yolo train` does (stock best.pt / last.pt) plus orepa.json. `model=runs/.../last.pt resume=True`\n"
-            f"resumes an OREPA run.\n\nOREPA keys:\n{keys}\n\nEvery other key is a `yolo train` argument "
-            f"(epochs, imgsz, batch, device=0,1, ...): {DOCS}")
+    return (
+        "usage: orepa-convert train model=M data=D [yolo train key=value ...] [OREPA key=value ...]\n"
+        "       orepa-convert train --timm NAME --data-dir DIR [timm recipe options, see --timm --help]\n\n"
+        "Converts the model to OREPA, trains it with the ultralytics trainer and writes the run folder as\n"
+        "`yolo train` does (stock best.pt / last.pt) plus orepa.json. `model=runs/.../last.pt resume=True`\n"
+        f"resumes an OREPA run.\n\nOREPA keys:\n{keys}\n\nEvery other key is a `yolo train` argument "
+        f"(epochs, imgsz, batch, device=0,1, ...): {DOCS}"
+    )
