@@ -20,7 +20,7 @@ from .state import (
 )
 from .surgery import is_converted
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BRANCHES",

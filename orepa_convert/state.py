@@ -9,13 +9,13 @@ a file carries no record.
 
 The record::
 
-    {"format": 2, "producer": "orepa_convert 0.1.0",
+    {"format": 2, "producer": "orepa_convert 0.2.0",
      "groups": [{"config": {"init": ..., "branches": [...], "pw_kxk_width": ..., "dws_expansion": ...,
                             "seed": ..., "eval_cache": ...},
                  "paths": ["model.0.conv", ...]}]}
 
 A block registered at several paths (a shared conv) is listed once, at its first path. Format 1 (one config,
-``{"format": 1, "config": {...}, "paths": [...]}``, written into ultralytics ``model.yaml`` by 0.1.0) is read too.
+``{"format": 1, "config": {...}, "paths": [...]}``, written into ultralytics ``model.yaml`` by the first releases) is read too.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def read_state(state: Any) -> list[tuple[OREPAConfig, list[str]]]:
     if not isinstance(state, Mapping):
         raise OREPAStateError(f"an OREPA record is a dict, got {type(state).__name__}")
     version = state.get("format")
-    if version == 1:  # 0.1.0's ultralytics yaml record: one config for every path
+    if version == 1:  # record format 1 (ultralytics model.yaml): one config for every path
         raw = [{"config": state.get("config") or {}, "paths": state.get("paths") or []}]
     elif version == FORMAT:
         raw = state.get("groups")

@@ -66,7 +66,7 @@ from ..surgery import CARRIED_ATTR, is_converted
 
 logger = logging.getLogger(__name__)
 
-LEGACY_KEY = "orepa"  # 0.1.0 kept its record in model.yaml["orepa"]; dropped wherever it is seen
+LEGACY_KEY = "orepa"  # record format 1 lived in model.yaml["orepa"]; dropped wherever it is seen
 
 
 # ---------------------------------------------------------------------------------------------- core hooks
@@ -542,7 +542,7 @@ class WorkerHandOff:
 
 def fold_checkpoint(source: str | os.PathLike, destination: str | os.PathLike) -> Path:
     """Write a stock ultralytics checkpoint of ``source`` with no OREPA blocks and no OREPA state (unpickles:
-    trusted files only). Reads checkpoints of this version (folded, carrying state) and of 0.1.0 (unfolded)."""
+    trusted files only). Reads checkpoints that carry their OREPA state (folded) and unfolded ones (record format 1)."""
     ckpt = torch.load(source, map_location="cpu", weights_only=False)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("ema") or ckpt.get("model"), nn.Module):
         raise OREPAStateError(f"{source} is not an ultralytics checkpoint (a dict with a 'model' or 'ema' module)")
