@@ -12,6 +12,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.modules.conv import _ConvNd
 
 from . import kernels
 from .config import BRANCHES, PAPER_SCALE_INIT, PAPER_SCALE_INIT_1X1, OREPAConfig
@@ -78,7 +79,7 @@ def unsupported_reason(conv: nn.Module, *, pointwise: bool = False) -> str | Non
     return None
 
 
-def branch_parameter_count(conv: nn.Module, config: OREPAConfig) -> int:
+def branch_parameter_count(conv: _ConvNd, config: OREPAConfig) -> int:
     """Parameters an :class:`OREPAConv` around ``conv`` would have beyond ``conv``'s own (weight and bias)."""
     out_channels, in_channels, groups = conv.out_channels, conv.in_channels, conv.groups
     in_per_group, taps = in_channels // groups, kernels.num_taps(conv.kernel_size)
@@ -211,7 +212,7 @@ class OREPAConv(nn.Module):
     """
 
     def __init__(
-        self, conv: nn.Module, config: OREPAConfig | None = None, *, generator: torch.Generator | None = None
+        self, conv: _ConvNd, config: OREPAConfig | None = None, *, generator: torch.Generator | None = None
     ) -> None:
         super().__init__()
         if isinstance(conv, OREPAConv):
@@ -327,7 +328,7 @@ class OREPAConv(nn.Module):
 
     # ------------------------------------------------------------------ conv attributes
     @property
-    def conv(self) -> nn.Module:
+    def conv(self) -> _ConvNd:
         """The wrapped conv (without weight while the block is active)."""
         return self._conv
 
