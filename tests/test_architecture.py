@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "orepa_convert"
-FRAMEWORKS = {"ultralytics", "timm"}
+FRAMEWORKS = {"ultralytics", "timm", "lightning"}
 
 
 def _module_imports() -> dict[str, set[str]]:
@@ -56,4 +56,7 @@ def test_no_import_cycle():
 def test_only_plugins_import_frameworks_at_module_level():
     graph = _module_imports()
     importers = {m for m, deps in graph.items() if any(d.startswith("!") for d in deps)}
-    assert importers <= {"integrations.ultralytics"}, importers
+    # the ultralytics plugin is imported only once the user has imported ultralytics; the Lightning callback only
+    # when the user imports it (nothing in the package imports it)
+    assert importers <= {"integrations.ultralytics", "integrations.lightning"}, importers
+    assert not any("integrations.lightning" in deps for deps in graph.values()), "the core must not import it"
