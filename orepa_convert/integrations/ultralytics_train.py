@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ OREPA_KEYS: dict[str, tuple[str, str]] = {
 }
 _TUPLES = {"kernel_sizes", "include", "exclude", "branches"}
 DOCS = "https://docs.ultralytics.com/usage/cfg/"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # ultralytics colours the key it names
 
 
 @dataclass
@@ -104,8 +106,10 @@ def parse_pairs(pairs: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         check_dict_alignment(DEFAULT_CFG_DICT, yolo)
         get_cfg(DEFAULT_CFG_DICT, {**yolo, "mode": "train"})  # ultralytics' type and range checks
-    except SyntaxError as exc:
-        raise ValueError(" ".join(str(exc).split()) + f" (ultralytics' arguments: {DOCS})") from None
+    except SyntaxError as exc:  # one sentence per unknown key; older versions append their whole CLI help
+        text = _ANSI.sub("", str(exc))
+        keys = [line.strip() for line in text.splitlines() if "is not a valid YOLO argument" in line]
+        raise ValueError(" ".join(keys or text.split()[:40]) + f" (ultralytics' arguments: {DOCS})") from None
     finally:
         ul_logger.setLevel(level)
     OREPAConfig().replace(**orepa)  # a bad OREPA value fails here, before anything is built
