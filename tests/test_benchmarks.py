@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import latency  # noqa: E402
@@ -76,3 +78,31 @@ def test_gpu_suite_dry_run_on_the_cpu(tmp_path):
     text = (tmp_path / "gpu_suite.md").read_text()
     assert "| yolov8n@2x64 | eager |" in text and "## Ops a training step adds" in text
     assert (tmp_path / "gpu_suite.png").stat().st_size > 10_000
+
+
+def test_real_digit_tasks_are_deterministic_hold_out_their_test_scans_and_label_validly(tmp_path):
+    pytest.importorskip("sklearn")
+    import hashlib
+
+    from benchmarks import finetune_tasks as ft
+
+    def digest(folder):
+        return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+                                       and p.name != "data.yaml")).hexdigest()
+
+    a = ft.make_digits_detection(tmp_path / "a", ft.FINETUNE_DIGITS, n_train=6, n_val=2, n_test=2, seed=3)
+    b = ft.make_digits_detection(tmp_path / "b", ft.FINETUNE_DIGITS, n_train=6, n_val=2, n_test=2, seed=3)
+    assert digest(a.parent) == digest(b.parent)  # the same seed writes the same files
+    for label in (a.parent / "labels").rglob("*.txt"):
+        for row in label.read_text().split("\n")[:-1]:
+            cls, *box = row.split()
+            assert 0 <= int(cls) < 5 and all(0 < float(v) <= 1 for v in box)
+    fit, _ = ft.digit_scans(range(10), "fit")
+    test, _ = ft.digit_scans(range(10), "test")
+    assert len(fit) + len(test) == 1797
+    fit_set = {f.tobytes() for f in fit}
+    assert sum(t.tobytes() in fit_set for t in test) < 0.02 * len(test)  # other scans (a few are pixel twins)
+    cls = ft.make_digits_classification(tmp_path / "c", ft.PRETRAIN_DIGITS, n_train=10, n_val=5, n_test=5)
+    for split in ("train", "val", "test"):
+        assert sorted(p.name for p in (cls / split).iterdir()) == [f"digit{d}" for d in range(5)]
+        assert all(any((cls / split / f"digit{d}").iterdir()) for d in range(5))
