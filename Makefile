@@ -37,7 +37,8 @@ docs: setup
 # reduction orders), as a machine without AVX-512, or with other float16 kernels, would run them.
 NUMERIC_TESTS ?= tests/test_kernels.py tests/test_block.py tests/test_pointwise.py tests/test_fold.py \
 	tests/test_convert.py tests/test_state.py tests/test_tracing.py tests/test_ahead.py tests/test_training.py \
-	tests/test_compile.py tests/test_amp.py tests/test_fx.py tests/test_export.py
+	tests/test_compile.py tests/test_amp.py tests/test_fx.py tests/test_export.py tests/test_registry.py \
+	tests/test_restore_phase.py tests/test_pool.py
 test-portable: setup
 	for cap in default avx2; do \
 		ATEN_CPU_CAPABILITY=$$cap OMP_NUM_THREADS=1 $(PY) -m pytest $(NUMERIC_TESTS) || exit 1; \
