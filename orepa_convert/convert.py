@@ -97,18 +97,16 @@ def _check_matches_record(root: nn.Module, config: OREPAConfig, given: set[str])
     """Raise unless the explicitly ``given`` fields of ``config`` describe the trained state ``root`` carries:
     the same block settings as every recorded group, and a selection that picks exactly the recorded convs."""
     record = carried_state(root)["orepa_state"]  # type: ignore[index]
-    differ = sorted(
-        {f for f in given & set(BLOCK_FIELDS) for c, _ in read_state(record) if getattr(c, f) != getattr(config, f)}
-    )
+    recorded = [c for c, _ in read_state(record)]
+    differ = sorted({f for f in given & set(BLOCK_FIELDS) for c in recorded if getattr(c, f) != getattr(config, f)})
     if given - set(BLOCK_FIELDS):  # selection rules: compare what they select on the folded (plain) model
         _, report = _plan(root, config)
         if set(report.paths(Status.SELECTED)) != set(state_paths(record)):
             differ.append("selection")
     if differ:
-        (recorded, _), *_ = read_state(record)
         raise OREPAStateError(
             f"{type(root).__name__} carries a trained OREPA state ({len(state_paths(record))} blocks, init="
-            f"{recorded.init!r}) that your config does not describe ({', '.join(differ)} differ): call "
+            f"{recorded[0].init!r}) that your config does not describe ({', '.join(differ)} differ): call "
             f"convert_to_orepa(model) with no config to restore the trained blocks, or pass restore=False to "
             f"convert its folded weights anew with your config"
         )
@@ -124,6 +122,17 @@ def _restored_report(root: nn.Module, config: OREPAConfig) -> ConversionReport:
     return report
 
 
+def _restores(root: nn.Module, config: OREPAConfig, given: set[str], restore: bool | None) -> bool:
+    """Whether ``convert_to_orepa`` restores the trained state ``root`` carries (see its ``restore`` argument);
+    raises where the arguments contradict that state or ask for one that is not there."""
+    if carried_state(root) is not None and restore is not False:
+        _check_matches_record(root, config, given)
+        return True
+    if restore:
+        raise OREPAStateError(f"{type(root).__name__} carries no trained OREPA state to restore")
+    return False
+
+
 def _given_fields(config: OREPAConfig | None, overrides: dict[str, Any]) -> set[str]:
     return set(config.to_dict()) if config is not None else set(overrides)
 
@@ -134,11 +143,8 @@ def inspect_model(
     """The report ``convert_to_orepa`` would give (same arguments), without changing anything."""
     resolved = resolve_config(config, overrides)
     root = unwrap_model(model)
-    if carried_state(root) is not None and restore is not False:
-        _check_matches_record(root, resolved, _given_fields(config, overrides))
+    if _restores(root, resolved, _given_fields(config, overrides), restore):
         report = _restored_report(unfold_carried(copy.deepcopy(root)), resolved)
-    elif restore:
-        raise OREPAStateError(f"{type(root).__name__} carries no trained OREPA state to restore")
     else:
         plain = root
         if carried_state(root) is not None:  # restore=False: the folded weights as a plain model
@@ -208,15 +214,12 @@ def convert_to_orepa(
         )
     reloaded = first_answer("reload_changed", model, root)
     root = root if reloaded is None else reloaded
-    if carried_state(root) is not None and restore is not False:  # a folded model carrying its training state
-        _check_matches_record(root, config, _given_fields(given_config, overrides))
+    if _restores(root, config, _given_fields(given_config, overrides), restore):  # a folded model carrying its state
         unfold_carried(root)  # restores the blocks and attaches the generation hooks
         report = _restored_report(root, config)
         notify("after_convert", model, root)  # for the wrapper too (e.g. a YOLO object's trainer router)
         logger.info("%s", report.summary())
         return (model, report) if return_report else model
-    if restore:
-        raise OREPAStateError(f"{type(root).__name__} carries no trained OREPA state to restore")
     if root.__dict__.pop(CARRIED_ATTR, None) is not None:  # restore=False: the folded weights are the start
         logger.info(
             "OREPA: dropped the trained OREPA state %s carried; converting its folded weights anew", type(root).__name__

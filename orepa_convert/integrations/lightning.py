@@ -47,10 +47,7 @@ CHECKPOINT_KEY = "orepa_state"
 
 
 def _network(module: nn.Module, attr: str | None) -> nn.Module:
-    if attr is None:
-        return module
-    net = module.get_submodule(attr)
-    return net
+    return module if attr is None else module.get_submodule(attr)
 
 
 def _read_record(path: str | Path) -> dict[str, Any] | None:
