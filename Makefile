@@ -24,10 +24,11 @@ demo: setup
 test: setup
 	$(PY) -m pytest
 
-# ruff (lint and format) on the package; .ci/run runs it before the tests.
+# ruff (lint and format) and mypy on the package; .ci/run runs them before the tests.
 lint: setup
 	$(VENV)/bin/ruff check orepa_convert
 	$(VENV)/bin/ruff format --check orepa_convert
+	$(VENV)/bin/mypy orepa_convert
 
 # The documentation site (docs/ + the API reference from the docstrings) into site/; the tests build it too.
 docs: setup

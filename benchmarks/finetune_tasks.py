@@ -111,6 +111,8 @@ def make_digits_classification(root: str | Path, digits: Sequence[int], n_train:
     pools = {"fit": digit_scans(digits, "fit"), "test": digit_scans(digits, "test")}
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
         images, labels = pools["test" if split == "test" else "fit"]
+        if n <= 0:
+            continue
         for name in (f"digit{d}" for d in digits):
             (root / split / name).mkdir(parents=True, exist_ok=True)
         for i in range(n):
@@ -122,6 +124,34 @@ def make_digits_classification(root: str | Path, digits: Sequence[int], n_train:
             ink = tuple(rng.uniform(0.0, 0.2) if dark else rng.uniform(0.85, 1.0) for _ in range(3))
             _paste(img, images[k], x, y, px, ink)  # type: ignore[arg-type]
             _to_image(img).save(root / split / f"digit{digits[labels[k]]}" / f"{i:05d}.png")
+    return root
+
+
+def make_shapes_classification(root: str | Path, family: str, n_train: int = 300, n_val: int = 100,
+                               n_test: int = 100, imgsz: int = 32, seed: int = 0) -> Path:
+    """Write an ImageFolder (``train/ val/ test/<class>/*.png``) of generated shapes: each image is the first
+    object of a :mod:`orepa_convert.synthetic` detection scene (``family`` "shapes": task A's rectangles,
+    ellipses, triangles, crosses; "targets": task B's rings, diamonds, stars, hexagons, bars), cropped with a
+    margin of its own background and resized to ``imgsz``. Other objects may overlap the crop, as in real crops."""
+    from orepa_convert import synthetic
+
+    draw, names = {"shapes": (synthetic._draw_shapes_image, synthetic.SHAPES),
+                   "targets": (synthetic._draw_target_image, synthetic.TARGET_SHAPES)}[family]
+    root = Path(root)
+    rng = random.Random(seed)
+    scene = 2 * imgsz
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        if n <= 0:
+            continue
+        for name in names.values():
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img, labels = draw(rng, scene)
+            cls, cx, cy, w, h = (float(v) for v in labels[0].split())
+            half = max(w, h) * 0.6 * scene
+            box = (cx * scene - half, cy * scene - half, cx * scene + half, cy * scene + half)
+            crop = img.crop(tuple(round(v) for v in box)).resize((imgsz, imgsz), Image.BILINEAR)
+            crop.save(root / split / names[int(cls)] / f"{i:05d}.png")
     return root
 
 

@@ -42,7 +42,7 @@ def generate_all(root: nn.Module) -> None:
     groups: dict[tuple, list[OREPAConv]] = {}
     for module in root.modules():
         if isinstance(module, OREPAConv) and module.training and not (module.eval_cache and module.frozen):
-            scales = module._parameters["scales"]
+            scales = module.scales
             groups.setdefault((module._plan, scales.dtype, scales.device), []).append(module)
     for (plan, dtype, device), blocks in groups.items():
         with _autocast_off(device):

@@ -6,7 +6,8 @@ import contextlib
 import functools
 import math
 import warnings
-from typing import Any
+from collections.abc import Hashable
+from typing import Any, cast
 
 import torch
 import torch.fx
@@ -15,7 +16,7 @@ from torch.func import functional_call
 from torch.nn.modules.conv import _ConvNd
 
 from . import kernels
-from .config import BRANCHES, PAPER_SCALE_INIT, PAPER_SCALE_INIT_1X1, OREPAConfig
+from .config import BRANCHES, PAPER_SCALE_INIT, PAPER_SCALE_INIT_1X1, Init, OREPAConfig
 from .errors import OREPALayoutError
 
 #: Version of the block's state_dict layout; stored in every block's extra state.
@@ -39,12 +40,16 @@ def supported_conv_types() -> tuple[type[nn.Module], ...]:
     return _PLAIN_CONVS + _same_padding_convs()
 
 
-@functools.cache
 def runs_plain_forward(cls: type) -> bool:
     """Whether instances of ``cls`` compute a plain ``nn.Conv1d/2d/3d`` forward: the class itself, or a subclass
     that only changes construction (e.g. torchvision's ``Conv3DSimple``) and overrides neither ``forward`` nor
     ``_conv_forward``."""
-    base = next((b for b in _PLAIN_CONVS if issubclass(cls, b)), None)
+    return _runs_plain_forward(cast(Hashable, cls))
+
+
+@functools.cache
+def _runs_plain_forward(cls: Any) -> bool:
+    base: Any = next((b for b in _PLAIN_CONVS if issubclass(cls, b)), None)
     return base is not None and cls.forward is base.forward and cls._conv_forward is base._conv_forward
 
 
@@ -211,6 +216,12 @@ class OREPAConv(nn.Module):
             The global RNG is never used.
     """
 
+    # Declared for type checkers (nn.Module.__getattr__ is typed "Tensor | Module"); set in __init__.
+    _conv: _ConvNd
+    scales: nn.Parameter
+    weight_origin: nn.Parameter
+    bias: nn.Parameter | None
+
     def __init__(
         self, conv: _ConvNd, config: OREPAConfig | None = None, *, generator: torch.Generator | None = None
     ) -> None:
@@ -223,7 +234,7 @@ class OREPAConv(nn.Module):
         if reason is not None:
             raise ValueError(f"cannot convert {type(conv).__name__}: {reason}")
         config = config or OREPAConfig()
-        weight: nn.Parameter = conv.weight
+        weight = cast(nn.Parameter, conv.weight)
         out_channels, in_per_group, *kernel_size = weight.shape
         groups: int = conv.groups
         in_channels = in_per_group * groups
@@ -238,10 +249,11 @@ class OREPAConv(nn.Module):
             )
 
         self.branches: tuple[str, ...] = branches
-        self.init: str = config.init
+        self.init: Init = config.init
         self.eval_cache: bool = config.eval_cache
         self.pw_kxk_width: int = width
         self.dws_expansion: int = expansion
+        self.live_scale: float = config.live_scale
         self.seed: int = config.seed  # the config seed (this block's generator was seeded from it and its path)
         self.pw_kxk_multiplier: int | None = config.pw_kxk_width  # as configured (None: the paper's rule)
 
@@ -262,7 +274,7 @@ class OREPAConv(nn.Module):
             elif branch in taps[:1]:
                 # the 1x1 weights of every fixed-filter branch, stacked [O, B, I/g]
                 rows = [random(out_channels, 1, in_per_group, fan_in=in_per_group) for _ in taps]
-                self.weight_taps = nn.Parameter(torch.cat(rows, 1), weight.requires_grad)
+                self.weight_taps = nn.Parameter(torch.cat(tuple(rows), 1), weight.requires_grad)
             elif branch == "pw_kxk":
                 zeros = torch.zeros(width, in_per_group, device=weight.device, dtype=weight.dtype)
                 self.weight_pw_kxk_in = nn.Parameter(zeros, weight.requires_grad)
@@ -289,6 +301,8 @@ class OREPAConv(nn.Module):
         target_norm = (
             weight.detach().flatten(1).norm(dim=1).double() if config.init in ("scratch", "preserve_live") else None
         )
+        if live and target_norm is not None:
+            target_norm = target_norm * config.live_scale
 
         # Take the conv over: its weight is generated from now on, its bias lives here.
         bias = conv._parameters["bias"] if "bias" in conv._parameters else None
@@ -377,7 +391,7 @@ class OREPAConv(nn.Module):
     def _refresh_constants(self) -> None:
         """(Re)build the fixed buffers from their exact float64 values on the parameters' device, in the dtype
         the kernel is generated in."""
-        scales = self._parameters["scales"]
+        scales = self.scales
         dtype = torch.float64 if scales.dtype == torch.float64 else torch.float32
         taps = kernels.tap_branches(self.branches)
         target = (scales.device, dtype)
@@ -411,7 +425,7 @@ class OREPAConv(nn.Module):
         params = self._parameters
         names = ("scales", "weight_origin", "weight_taps", "weight_pw_kxk_in", "weight_pw_kxk", "weight_dws_dw",
                  "weight_dws_pw")  # fmt: skip
-        return [params[n] for n in names if params.get(n) is not None]
+        return [p for p in (params.get(n) for n in names) if p is not None]
 
     def generate_kernel(self, compute_dtype: torch.dtype | None = None) -> Tensor:
         """Generate the kernel ``[O, I/g, *K]`` in the parameters' dtype.
@@ -420,7 +434,7 @@ class OREPAConv(nn.Module):
         precision never changes the trained function. Under ``torch.compile`` and ``torch.func`` it is built from
         plain differentiable ops, otherwise as one fused autograd node.
         """
-        scales = self._parameters["scales"]
+        scales = self.scales
         dtype = compute_dtype or generation_dtype(scales.dtype)
         with _autocast_off(scales.device):
             kernel = generate_kernels(self._plan, [self], dtype)[0]
@@ -466,13 +480,14 @@ class OREPAConv(nn.Module):
         the TorchScript-based ONNX exporter (``torch.onnx.export(..., dynamo=False)``) record it as a constant:
         the traced graph is the folded conv, with this block's numbers (the tracer does not record the in-place
         accumulation of the fused generation faithfully)."""
-        state = torch._C._get_tracing_state()
-        torch._C._set_tracing_state(None)
+        tracing = cast(Any, torch._C)  # the TorchScript tracer's switch is not in torch's stubs
+        state = tracing._get_tracing_state()
+        tracing._set_tracing_state(None)
         try:
             with torch.no_grad():
                 return self.generate_kernel()
         finally:
-            torch._C._set_tracing_state(state)
+            tracing._set_tracing_state(state)
 
     def __prepare_scriptable__(self) -> nn.Module:
         """``torch.jit.script`` hook: an unfolded block cannot be scripted (its generation is Python); say so."""
@@ -499,7 +514,7 @@ class OREPAConv(nn.Module):
         tracer's leaf rules: the GraphModule then holds the block itself, so its parameters stay trainable (they
         are shared with the traced model) and its generation runs as in eager mode. Tracing through it instead
         would bake the kernel generated from the current values into the graph as a constant."""
-        tracer = x.tracer
+        tracer = cast(torch.fx.Tracer, x.tracer)
         return tracer.create_proxy("call_module", tracer.path_of_module(self), (x,), {})
 
     # ------------------------------------------------------------------ deployment
@@ -528,6 +543,7 @@ class OREPAConv(nn.Module):
             branches=self.branches,
             pw_kxk_width=multiplier,
             dws_expansion=self.dws_expansion,
+            live_scale=self.__dict__.get("live_scale", 1.0),
             seed=self.__dict__.get("seed", 0),
             eval_cache=self.eval_cache,
         )

@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["plain", "preserve"],
         metavar="V",
-        help="plain and OREPA inits (preserve, paper, scratch); default: plain preserve",
+        help="plain and OREPA inits (preserve, paper, scratch, preserve_live), an init with block options as 'INIT:FIELD=VALUE,...' (e.g. preserve_live:live_scale=0.25); default: plain preserve",
     )
     c.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="S", help="paired seeds (default 0 1 2)")
     c.add_argument("--epochs", type=int, default=10)

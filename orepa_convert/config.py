@@ -69,6 +69,9 @@ class OREPAConfig:
             step: the other branches as in ``"scratch"`` (random weights, paper proportions, the wrapped weight's
             norm), origin scale 1 and origin weight = the conv's weight minus their contribution. With
             ``"preserve"`` the extra branches get no gradient until their zero scales move.
+        live_scale: ``init="preserve_live"`` only: the norm of the kernel the live branches start from, as a
+            fraction of ``"scratch"``'s (1, the default: the wrapped weight's norm; 0.25: a quarter of it, the
+            origin carrying the rest).
         branches: subset of :data:`BRANCHES` to build (default: all six).
         pw_kxk_width: internal width of the 1x1->kxk branch as a multiple of ``in_channels``; ``None``
             follows the paper (1 if ``groups <= 4`` else 2).
@@ -93,6 +96,7 @@ class OREPAConfig:
     branches: tuple[str, ...] = BRANCHES
     pw_kxk_width: int | None = None
     dws_expansion: int = 8
+    live_scale: float = 1.0
     seed: int = 0
     eval_cache: bool = True
     include: tuple[str, ...] = ()
@@ -125,6 +129,18 @@ class OREPAConfig:
             raise ValueError(f"OREPAConfig.pw_kxk_width must be None or a positive int, got {self.pw_kxk_width!r}")
         if not isinstance(self.dws_expansion, int) or isinstance(self.dws_expansion, bool) or self.dws_expansion < 1:
             raise ValueError(f"OREPAConfig.dws_expansion must be a positive int, got {self.dws_expansion!r}")
+        if (
+            isinstance(self.live_scale, bool)
+            or not isinstance(self.live_scale, (int, float))
+            or not self.live_scale > 0
+        ):
+            raise ValueError(f"OREPAConfig.live_scale must be a positive number, got {self.live_scale!r}")
+        set_(self, "live_scale", float(self.live_scale))
+        if self.live_scale != 1.0 and self.init != "preserve_live":
+            raise ValueError(
+                f"OREPAConfig.live_scale={self.live_scale} applies to init='preserve_live' only (init={self.init!r}); "
+                "leave it at 1 or use init='preserve_live'"
+            )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"OREPAConfig.seed must be an int, got {self.seed!r}")
         for name in ("include", "exclude"):

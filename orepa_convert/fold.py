@@ -43,7 +43,7 @@ def _bn_fuse_problem(match: ConvMatch, bn_uses: dict[int, int]) -> str | None:
 
 
 @torch.no_grad()
-def _fuse_bn(conv: nn.Module, bn: nn.Module) -> None:
+def _fuse_bn(conv: Any, bn: Any) -> None:  # a conv with its weight, and the batch norm it feeds
     weight, bias = kernels.fold_batchnorm(
         conv.weight,
         conv.bias,
@@ -108,18 +108,18 @@ def fold_orepa(model: Any, fuse_bn: bool = False, *, return_report: bool = False
         record = FoldRecord(match.path, type(conv).__name__)
         if fuse_bn:
             problem = _bn_fuse_problem(match, bn_uses)
-            site = match.sites[0] if match.sites else None
-            record.bn = site.bn_path if site else None
-            if problem is None:
-                _fuse_bn(conv, site.bn)
+            first = match.sites[0] if match.sites else None
+            record.bn = first.bn_path if first else None
+            if problem is None and first is not None and first.bn is not None:
+                _fuse_bn(conv, first.bn)
                 replace_at(
                     root,
-                    [p for p, m in root.named_modules(remove_duplicate=False) if m is site.bn],
-                    _bn_replacement(site.bn),
+                    [p for p, m in root.named_modules(remove_duplicate=False) if m is first.bn],
+                    _bn_replacement(first.bn),
                 )
                 record.bn_fused = True
             else:
-                record.note = problem
+                record.note = problem or ""
         report.records.append(record)
     ahead.detach(root)
     notify("after_fold", model, root)  # e.g. ultralytics: the checkpoint a YOLO object carries is folded too

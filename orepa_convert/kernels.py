@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -69,15 +69,10 @@ def tap_filter(
         return dct_prior_filters(out_channels, kernel_size, dtype)
     if branch == "pw":
         filt = torch.zeros(out_channels, *kernel_size, dtype=dtype)
-        filt[(slice(None), *centre_tap(kernel_size))] = 1.0
+        centre: tuple[slice | int, ...] = (slice(None), *centre_tap(kernel_size))
+        filt[centre] = 1.0
         return filt
     raise ValueError(f"no fixed tap filter for branch {branch!r}")
-
-
-def expand_1x1(weight: Tensor, filters: Tensor) -> Tensor:
-    """Dense kernel of a 1x1 conv ``weight [O, I/g]`` followed by a fixed per-output-channel filter ``[O, *K]``."""
-    nd = filters.dim() - 1
-    return weight.reshape(*weight.shape, *([1] * nd)) * filters.unsqueeze(1)
 
 
 def stacked_identity(width: int, in_channels: int, groups: int, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -88,81 +83,6 @@ def stacked_identity(width: int, in_channels: int, groups: int, dtype: torch.dty
     per_group, in_per_group = width // groups, in_channels // groups
     rows = torch.arange(width) % per_group % in_per_group
     return torch.nn.functional.one_hot(rows, in_per_group).to(dtype)
-
-
-def compose_1x1_kxk(first: Tensor, second: Tensor, groups: int) -> Tensor:
-    """Dense kernel of a grouped 1x1 conv ``first [t, I/g]`` followed by a grouped kxk conv
-    ``second [O, t/g, *K]`` (both with ``groups``, no padding between them)."""
-    out_channels, per_group, *kernel_size = second.shape
-    in_per_group = first.shape[1]
-    f = first.reshape(groups, per_group, in_per_group)
-    s = second.reshape(groups, out_channels // groups, per_group, -1)
-    dense = torch.einsum("gosk,gsi->goik", s, f)
-    return dense.reshape(out_channels, in_per_group, *kernel_size)
-
-
-def depthwise_pointwise_to_dense(depthwise: Tensor, pointwise: Tensor, groups: int, expansion: int) -> Tensor:
-    """Dense kernel of a depthwise conv ``depthwise [e*I, 1, *K]`` (``e = expansion`` filters per input
-    channel, output channel ``i*e + j``) followed by a grouped 1x1 conv ``pointwise [O, e*I/g]``."""
-    channels, _, *kernel_size = depthwise.shape
-    out_channels, width = pointwise.shape
-    if channels != groups * width or width % expansion:
-        raise ValueError(
-            f"depthwise {tuple(depthwise.shape)} and pointwise {tuple(pointwise.shape)} do not form a "
-            f"depthwise-separable pair with groups={groups}, expansion={expansion}"
-        )
-    in_per_group = width // expansion
-    d = depthwise.reshape(groups, in_per_group, expansion, -1)
-    q = pointwise.reshape(groups, out_channels // groups, in_per_group, expansion)
-    dense = torch.einsum("goij,gijk->goik", q, d)
-    return dense.reshape(out_channels, in_per_group, *kernel_size)
-
-
-def generate_kernel(
-    kernel_size: Sequence[int],
-    groups: int,
-    *,
-    origin: tuple[Tensor, Tensor] | None = None,
-    taps: tuple[Tensor, Tensor, Tensor] | None = None,
-    pw_kxk: tuple[Tensor, Tensor, Tensor] | None = None,
-    dws: tuple[Tensor, Tensor, Tensor, int] | None = None,
-) -> Tensor:
-    """The OREPA kernel ``sum_b diag(v_b) W_b`` as a few large contractions.
-
-    Args (each ``None`` when the branch is absent; ``v`` are per-output-channel scales ``[O]``):
-        origin: ``(v, W [O, I/g, *K])``.
-        taps: the 1x1 branches with a fixed spatial filter, stacked: ``(v [B, O], W [B, O, I/g],
-            filters [B, O, kk])``.
-        pw_kxk: ``(v, first [t, I/g], second [O, t/g, *K])``; ``first`` already includes its identity.
-        dws: ``(v, depthwise [e*I, 1, *K], pointwise [O, e*I/g], e)``.
-
-    Each scale multiplies the smallest tensor that carries the output-channel index, so that the only
-    kernel-sized tensors are the per-branch contraction results and the running sum.
-    """
-    kernel_size = tuple(kernel_size)
-    parts: list[Tensor] = []
-    if origin is not None:
-        v, w = origin
-        parts.append(v.reshape(-1, *([1] * (w.dim() - 1))) * w)
-    if taps is not None:
-        v, w, filters = taps
-        dense = torch.einsum("boi,bok->oik", v.unsqueeze(-1) * w, filters)
-        parts.append(dense.reshape(dense.shape[0], dense.shape[1], *kernel_size))
-    if pw_kxk is not None:
-        v, first, second = pw_kxk
-        parts.append(compose_1x1_kxk(first, v.reshape(-1, *([1] * (second.dim() - 1))) * second, groups))
-    if dws is not None:
-        v, depthwise, pointwise, expansion = dws
-        parts.append(depthwise_pointwise_to_dense(depthwise, v.unsqueeze(1) * pointwise, groups, expansion))
-    if not parts:
-        raise ValueError("generate_kernel needs at least one branch")
-    # Accumulate in place into one contiguous [O, I/g, *K] buffer: the contraction results come in
-    # permuted layouts, and out-of-place sums of mixed layouts are several times slower. Autograd is
-    # unaffected: no op above saves its output for backward.
-    kernel = parts[0].contiguous()
-    for part in parts[1:]:
-        kernel.add_(part)
-    return kernel
 
 
 def fold_batchnorm(
@@ -271,7 +191,10 @@ def generation_plan(
             f"the 1x1->kxk branch needs a width that is a positive multiple of groups={groups}, got {width}"
         )
     taps = tap_branches(order)
-    rows = tuple(order.index(b) if b in order else -1 for b in ("origin", taps[0] if taps else "", "pw_kxk", "dws"))
+    r_origin, r_taps, r_pw, r_dws = (
+        order.index(b) if b in order else -1 for b in ("origin", taps[0] if taps else "", "pw_kxk", "dws")
+    )
+    rows = (r_origin, r_taps, r_pw, r_dws)
     return GenerationPlan(
         tuple(shape),
         shape[0],
@@ -280,7 +203,7 @@ def generation_plan(
         groups,
         len(order),
         rows,
-        len(taps),  # type: ignore[arg-type]
+        len(taps),
         expansion,
         width if "pw_kxk" in order else 0,
     )
@@ -301,7 +224,9 @@ def _stacked_forward(
         kernel = v.new_zeros(G, o, ig, kk)
     if r_taps >= 0:
         b = plan.num_taps
-        keep["fv"] = fv = filters * v[:, r_taps : r_taps + b].transpose(1, 2).unsqueeze(-1)  # [G, O, B, kk]
+        keep["fv"] = fv = cast(Tensor, filters) * v[:, r_taps : r_taps + b].transpose(1, 2).unsqueeze(
+            -1
+        )  # [G, O, B, kk]
         kernel.view(G * o, ig, kk).baddbmm_(t["taps"].reshape(G * o, b, ig).transpose(1, 2), fv.view(G * o, b, kk))
     grouped = kernel.view(G * g, og, ig, kk)
     if r_pw >= 0:
@@ -311,7 +236,7 @@ def _stacked_forward(
         if plan.plain_identity:  # second @ (learned + I) = second + second @ learned: one op, no sum kept
             keep["prod"] = prod = torch.baddbmm(second, second, t["pw_in"].reshape(G * g, tg, ig))
         else:
-            keep["first"] = first = t["pw_in"] + identity  # [G, t, I/g]
+            keep["first"] = first = t["pw_in"] + cast(Tensor, identity)  # [G, t, I/g]
             keep["prod"] = prod = torch.bmm(second, first.view(G * g, tg, ig))
         grouped.addcmul_(prod.view(G * g, og, kk, ig).transpose(2, 3), v[:, r_pw].reshape(G * g, og, 1, 1))
     if r_dws >= 0:
@@ -361,8 +286,8 @@ def _stacked_backward(
         b = plan.num_taps
         rows = grad.view(G * o, ig, kk)
         u = torch.bmm(t["taps"].reshape(G * o, b, ig), rows)  # [G*O, B, kk]
-        torch.sum(u.view(G, o, b, kk) * filters, 3, out=dv[:, r_taps : r_taps + b].transpose(1, 2))
-        out["taps"] = torch.bmm(fv.view(G * o, b, kk), rows.transpose(1, 2)).view(t["taps"].shape)
+        torch.sum(u.view(G, o, b, kk) * cast(Tensor, filters), 3, out=dv[:, r_taps : r_taps + b].transpose(1, 2))
+        out["taps"] = torch.bmm(cast(Tensor, fv).view(G * o, b, kk), rows.transpose(1, 2)).view(t["taps"].shape)
     if r_pw >= 0:
         tg = plan.width // g
         # the gradient in the layout of the kept branch kernel [G*g, O/g*kk, I/g] (the one transposing pass);
@@ -499,8 +424,9 @@ def generate_kernels_stacked(
         identity: the fixed part ``[t, I/g]`` of the 1x1->kxk first factor (``None`` without that branch).
         dtype: the compute dtype (the parameters may have another; gradients come back in theirs).
 
-    Returns one kernel ``[O, I/g, *K]`` per block. Equals :func:`generate_kernel` on the natural layouts
-    (:func:`natural_pw_kxk`, :func:`natural_dws_pointwise`), and :func:`generate_kernel_autograd`.
+    Returns one kernel ``[O, I/g, *K]`` per block. Equals :func:`generate_kernel_autograd`, and the dense
+    branch-by-branch reference (``tests/oracles.py``) on the natural layouts (:func:`natural_pw_kxk`,
+    :func:`natural_dws_pointwise`).
     """
     kinds = plan.kinds
     if not blocks or any(len(b) != len(kinds) for b in blocks):
@@ -523,11 +449,11 @@ def generate_kernel_autograd(
     if r_origin >= 0:
         parts.append(t["origin"].reshape(o, ig, kk) * v[r_origin].view(o, 1, 1))
     if r_taps >= 0:
-        fv = filters * v[r_taps : r_taps + plan.num_taps].t().unsqueeze(-1)  # [O, B, kk]
+        fv = cast(Tensor, filters) * v[r_taps : r_taps + plan.num_taps].t().unsqueeze(-1)  # [O, B, kk]
         parts.append(torch.bmm(t["taps"].transpose(1, 2), fv))
     if r_pw >= 0:
         tg = plan.width // g
-        prod = torch.bmm(t["pw"].reshape(g, og * kk, tg), (t["pw_in"] + identity).view(g, tg, ig))
+        prod = torch.bmm(t["pw"].reshape(g, og * kk, tg), (t["pw_in"] + cast(Tensor, identity)).view(g, tg, ig))
         parts.append((prod.view(g, og, kk, ig).transpose(2, 3) * v[r_pw].view(g, og, 1, 1)).reshape(o, ig, kk))
     if r_dws >= 0:
         pointwise = t["dws_pw"].reshape(g * ig, e, og).transpose(1, 2)
@@ -537,22 +463,3 @@ def generate_kernel_autograd(
     for part in parts[1:]:
         kernel = kernel + part
     return kernel.view(plan.shape)
-
-
-def generate_kernel_fused(
-    plan: GenerationPlan,
-    scales: Tensor,
-    origin: Tensor | None,
-    taps: Tensor | None,
-    filters: Tensor | None,
-    pw_in: Tensor | None,
-    identity: Tensor | None,
-    pw: Tensor | None,
-    dws_dw: Tensor | None,
-    dws_pw: Tensor | None,
-) -> Tensor:
-    """One block's kernel as one autograd node: :func:`generate_kernels_stacked` for a single block, with the
-    tensors passed by name (``None`` for an absent branch) and computed in ``scales.dtype``."""
-    named = {"scales": scales, "origin": origin, "taps": taps, "pw_in": pw_in, "pw": pw, "dws_dw": dws_dw,
-             "dws_pw": dws_pw}  # fmt: skip
-    return generate_kernels_stacked(plan, [[named[k] for k in plan.kinds]], filters, identity, scales.dtype)[0]

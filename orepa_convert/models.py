@@ -5,6 +5,7 @@ downloads weights."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -45,7 +46,7 @@ def build_model(spec: str, num_classes: int | None = None) -> nn.Module:
             import timm
         except ImportError as exc:
             raise ImportError("timm models need timm: pip install 'orepa-convert[timm]'") from exc
-        kwargs = {} if num_classes is None else {"num_classes": num_classes}
+        kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
         if not timm.is_model(name):
             raise ValueError(f"timm has no model {name!r}; list them with timm.list_models('{name[:4]}*')")
         return timm.create_model(name, pretrained=False, **kwargs)

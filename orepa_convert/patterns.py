@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -47,7 +48,7 @@ class CallSite:
 class ConvMatch:
     """A conv module (candidate), every path it is registered at, its call sites and its eligibility."""
 
-    module: nn.Module
+    module: Any  # an eligible conv class (see block.unsupported_reason) or an OREPAConv already in place
     paths: list[str]
     sites: list[CallSite] = field(default_factory=list)
     reason: str | None = None  # why it is not eligible; None when eligible (or already an OREPA block)
@@ -67,7 +68,8 @@ class ConvMatch:
 
 def _describe(node: fx.Node, traced_path: str, root: nn.Module) -> str:
     if node.op == "call_module":
-        return f"{type(root.get_submodule(node.target)).__name__} '{join(traced_path, node.target)}'"
+        target = cast(str, node.target)  # a call_module node's target is the module path
+        return f"{type(root.get_submodule(target)).__name__} '{join(traced_path, target)}'"
     if node.op == "call_function":
         if node.target in (operator.add, operator.iadd, torch.add):
             return "an add"
@@ -88,7 +90,7 @@ def _activation(bn_node: fx.Node, bn: nn.Module, traced_module: nn.Module) -> st
         return None
     user = users[0]
     if user.op == "call_module":
-        m = traced_module.get_submodule(user.target)
+        m = traced_module.get_submodule(cast(str, user.target))
         if type(m).__module__.startswith("torch.nn.modules.activation"):
             return type(m).__name__
     if user.op == "call_function" and user.target in _ACT_FUNCTIONS:
@@ -106,11 +108,12 @@ def _call_site(node: fx.Node, traced) -> CallSite:
     user = users[0]
     consumer = _describe(user, traced.path, traced.module)
     if user.op == "call_module":
-        bn = traced.module.get_submodule(user.target)
+        target = cast(str, user.target)
+        bn = traced.module.get_submodule(target)
         if is_batchnorm(bn):
             return CallSite(
                 consumer=consumer,
-                bn_path=join(traced.path, user.target),
+                bn_path=join(traced.path, target),
                 bn=bn,
                 act=_activation(user, bn, traced.module),
             )

@@ -23,14 +23,14 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Mapping
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import torch
 from torch import nn
 
 from . import ahead
 from .block import OREPAConv, unsupported_reason
-from .config import BRANCHES, OREPAConfig
+from .config import BRANCHES, Init, OREPAConfig
 from .errors import OREPAStateError
 from .fold import fold_orepa
 from .integrations import notify
@@ -39,7 +39,9 @@ from .surgery import CARRIED_ATTR, block_paths, convert_paths, is_converted, unw
 FORMAT = 2
 STATE_KEY = "orepa_state"  # the record's key in files written by save() and in checkpoints of our integrations
 #: OREPAConfig fields that describe a block (selection fields are replaced by the exact list of paths).
-BLOCK_FIELDS = ("init", "branches", "pw_kxk_width", "dws_expansion", "seed", "eval_cache")
+BLOCK_FIELDS = ("init", "branches", "pw_kxk_width", "dws_expansion", "live_scale", "seed", "eval_cache")
+#: block fields a record leaves out at their default (so records of blocks without them read as before)
+_OMITTED_AT_DEFAULT = {"live_scale": 1.0}
 
 FileLike = str | os.PathLike | IO[bytes]
 
@@ -52,7 +54,11 @@ def _producer() -> str:
 
 def config_to_dict(config: OREPAConfig) -> dict[str, Any]:
     """The block fields of ``config`` as JSON types."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.to_dict().items() if k in BLOCK_FIELDS}
+    return {
+        k: (list(v) if isinstance(v, tuple) else v)
+        for k, v in config.to_dict().items()
+        if k in BLOCK_FIELDS and not (k in _OMITTED_AT_DEFAULT and v == _OMITTED_AT_DEFAULT[k])
+    }
 
 
 def config_from_dict(data: Mapping[str, Any]) -> OREPAConfig:
@@ -63,7 +69,8 @@ def config_from_dict(data: Mapping[str, Any]) -> OREPAConfig:
             f"OREPA record config has unknown field(s) {unknown}; it was written by a newer orepa_convert?"
         )
     try:
-        return OREPAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return OREPAConfig(**fields)
     except (TypeError, ValueError) as exc:
         raise OREPAStateError(f"invalid config in OREPA record: {exc}") from exc
 
@@ -99,7 +106,7 @@ def read_state(state: Any) -> list[tuple[OREPAConfig, list[str]]]:
         raise OREPAStateError(f"an OREPA record is a dict, got {type(state).__name__}")
     version = state.get("format")
     if version == 1:  # record format 1 (ultralytics model.yaml): one config for every path
-        raw = [{"config": state.get("config") or {}, "paths": state.get("paths") or []}]
+        raw: Any = [{"config": state.get("config") or {}, "paths": state.get("paths") or []}]
     elif version == FORMAT:
         raw = state.get("groups")
         if not isinstance(raw, list):
@@ -344,7 +351,7 @@ def state_from_layout(
         if not isinstance(in_channels, int) or saved[2] % in_channels:
             raise OREPAStateError(f"'{path}': the saved block does not fit a {type(conv).__name__} there")
         config = OREPAConfig(
-            init=init if "origin" in branches else "paper",
+            init=cast(Init, init) if "origin" in branches else "paper",
             branches=branches,
             pw_kxk_width=saved[2] // in_channels,
             dws_expansion=saved[3],

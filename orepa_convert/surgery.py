@@ -71,7 +71,7 @@ def aliases(root: nn.Module, module: nn.Module) -> list[str]:
     return [p for p, m in root.named_modules(remove_duplicate=False) if m is module]
 
 
-def convert_conv(root: nn.Module, conv: nn.Module, paths: list[str], config: OREPAConfig) -> int:
+def convert_conv(root: nn.Module, conv: Any, paths: list[str], config: OREPAConfig) -> int:
     """Swap an :class:`OREPAConv` (seeded from ``config.seed`` and the first path) in at every path of ``conv``;
     return the number of parameters it added."""
     before = sum(p.numel() for p in conv.parameters())

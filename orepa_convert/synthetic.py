@@ -191,8 +191,8 @@ def _draw_target_image(rng: random.Random, imgsz: int):
     img.putdata(pixels)
     draw = ImageDraw.Draw(img)
     for _ in range(rng.randint(3, 10)):  # clutter: small dots
-        x, y, r = rng.uniform(0, imgsz), rng.uniform(0, imgsz), rng.uniform(0.5, imgsz * 0.03)
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(rng.randrange(0, 256) for _ in range(3)))
+        dx, dy, r = rng.uniform(0, imgsz), rng.uniform(0, imgsz), rng.uniform(0.5, imgsz * 0.03)
+        draw.ellipse([dx - r, dy - r, dx + r, dy + r], fill=tuple(rng.randrange(0, 256) for _ in range(3)))
     pastel = rng.random() < 0.5
     labels = []
     for _ in range(rng.randint(1, 5)):

@@ -29,12 +29,14 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from orepa_convert import OREPAConfig, OREPAConv, convert_to_orepa, fold_orepa, restore_from_orepa_state, save
+from orepa_convert.compare.variants import parse_variant
 from orepa_convert.config import INITS
 from orepa_convert.errors import OREPAError
 from orepa_convert.state import STATE_KEY
@@ -55,7 +57,7 @@ def _setup_distributed(device_arg: str) -> tuple[torch.device, int, int]:
 
 
 def _load_plain_weights(model: nn.Module, path: str) -> None:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state: Any = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
@@ -92,7 +94,8 @@ def build(args: argparse.Namespace, num_classes: int, record: dict | None = None
         if args.pretrained_checkpoint:
             _load_plain_weights(model, args.pretrained_checkpoint)
         if not args.plain:
-            convert_to_orepa(model, OREPAConfig(init=args.init, seed=args.seed))
+            options = dict(parse_variant(f"{args.init}:{','.join(args.orepa_option)}")[1]) if args.orepa_option else {}
+            convert_to_orepa(model, OREPAConfig(init=args.init, seed=args.seed, **options))
     return model, sum(isinstance(m, OREPAConv) for m in model.modules())
 
 
@@ -109,6 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         "--pretrained-checkpoint", help="a plain timm state_dict to start from (loaded before conversion)"
     )
     parser.add_argument("--init", choices=list(INITS), default="preserve")
+    parser.add_argument(
+        "--orepa-option",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="an OREPAConfig block field for the conversion, e.g. live_scale=0.25 (repeatable)",
+    )
     parser.add_argument("--plain", action="store_true", help="train without OREPA (the baseline of a comparison)")
     parser.add_argument("--resume", help="an OREPA checkpoint written by this recipe (last.pth)")
     parser.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 on CUDA)")
@@ -120,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--warmup-epochs", type=int, default=0)
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument(
+        "--scale-min", type=float, default=0.08, help="smallest area fraction of the random resized crop (timm: 0.08)"
+    )
+    parser.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability (timm: 0.5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--torchcompile",
@@ -155,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         device=device,
         persistent_workers=False,
     )
-    train_loader = create_loader(train_set, is_training=True, distributed=world > 1, **loader_args)
+    augment = dict(scale=(args.scale_min, 1.0), hflip=args.hflip)
+    train_loader = create_loader(train_set, is_training=True, distributed=world > 1, **augment, **loader_args)
     if len(train_loader) == 0:  # the training loader drops the last incomplete batch
         parser.error(
             f"{len(train_set)} training images make no full batch of --batch-size {args.batch_size} per "
@@ -189,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         if ema is not None and resume.get("ema") is not None:
             ema.module.load_state_dict(resume["ema"])
         start_epoch = resume["epoch"] + 1
-    train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    train_model: Any = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     if args.torchcompile:
         train_model = torch.compile(train_model, backend=args.torchcompile)
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
@@ -260,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.save({k: v.detach().cpu() for k, v in final.state_dict().items()}, out_dir / "folded.pth")
         onnx_path = out_dir / "model.onnx"
         dummy = torch.randn(1, 3, args.img_size, args.img_size, device=device)
-        torch.onnx.export(final, dummy, str(onnx_path), dynamo=False, input_names=["images"], output_names=["logits"])
+        torch.onnx.export(
+            final, (dummy,), str(onnx_path), dynamo=False, input_names=["images"], output_names=["logits"]
+        )
         try:
             import onnxruntime as ort
 

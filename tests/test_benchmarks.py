@@ -106,3 +106,48 @@ def test_real_digit_tasks_are_deterministic_hold_out_their_test_scans_and_label_
     for split in ("train", "val", "test"):
         assert sorted(p.name for p in (cls / split).iterdir()) == [f"digit{d}" for d in range(5)]
         assert all(any((cls / split / f"digit{d}").iterdir()) for d in range(5))
+    assert not (ft.make_digits_classification(tmp_path / "d", ft.PRETRAIN_DIGITS, 10, 5, n_test=0) / "test").exists()
+    shapes = [ft.make_shapes_classification(tmp_path / f"s{i}", "targets", 12, 4, 4, seed=1) for i in range(2)]
+    assert digest(shapes[0]) == digest(shapes[1])
+    assert sorted(p.name for p in (shapes[0] / "train").iterdir()) == ["bar", "diamond", "hexagon", "ring", "star"]
+    from PIL import Image
+
+    assert Image.open(next((shapes[0] / "test").rglob("*.png"))).size == (32, 32)
+
+
+def test_finetune_study_shares_runs_with_its_equal_time_study_and_exports_the_results_file(tmp_path):
+    """The benchmark driver: the equal-time study starts with the OREPA runs (and plain's timing run) of the
+    equal-epochs study, and the export names tasks, budgets and pooled estimates as docs/results expects."""
+    from benchmarks import finetune_study as fs
+    from orepa_convert.compare import CompareSettings, run_compare
+
+    def fake(settings, job, run_dir):
+        value = {"plain": 0.5, "preserve": 0.52, "preserve_live": 0.53}[job.variant] + 0.01 * ((job.seed * 7) % 3)
+        value += 0.001 * job.epochs + (0.004 * job.seed if job.variant != "plain" else 0)
+        return [{"variant": job.variant, "lr": job.lr, "seed": job.seed, "split": split, "epochs": job.epochs,
+                 "map50_95": value, "wall_seconds": job.epochs * (2.0 if job.variant != "plain" else 1.0),
+                 "peak_memory_mb": 1.0} for split in ("val", "test")]
+
+    tasks = []
+    for name in ("t1", "t2"):
+        folder = tmp_path / name
+        base = dict(backend="ultralytics", model="m.yaml", data="d.yaml", variants=fs.BASELINE, seeds=(0, 1, 2),
+                    epochs=3, lrs=(0.01, 0.02), select_seeds=(0,))
+        ep = CompareSettings(project=str(folder / "epochs"), **base)
+        run_compare(ep, runner=fake, has_test=True, progress=False)
+        tm = CompareSettings(project=str(folder / "time"), budget="time", **base)
+        fs.seed_time_study(ep, tm)
+        calls = []
+        run_compare(tm, runner=lambda s, j, d: calls.append(j) or fake(s, j, d), has_test=True, progress=False)
+        assert calls and {j.variant for j in calls} == {"plain"} and {j.epochs for j in calls} == {6}
+        (folder / "pretrain.json").write_text('{"tensor_sha256": "x"}')
+        tasks.append(fs.Task(name, "ultralytics", name == "t1", "test", lambda d: d, lambda d: d, "m.yaml", 64, 1,
+                             0.01, 3, (0.01, 0.02)))
+    out = fs.export(tmp_path, tmp_path / "results" / "finetune_tasks.json", tasks)
+    assert [t["name"] for t in out["tasks"]] == ["t1", "t2"] and out["tasks"][0]["real_data"] is True
+    assert {r["budget"] for r in out["runs"]} == {"epochs", "time"}
+    assert set(out["runs"][0]) >= {"task", "variant", "lr", "seed", "split", "budget", "metric", "value", "wall_s"}
+    pooled = out["pooled"]["epochs"]["raw"]["pooled"]
+    assert {p["variant"] for p in pooled} == {"preserve", "preserve_live"} and all(p["k"] == 2 for p in pooled)
+    assert {t["task"] for t in pooled[0]["tasks"]} == {"t1", "t2"}
+    assert (tmp_path / "results" / "finetune_tasks.md").read_text().count("| t1 |") == 6  # 3 variants x 2 budgets

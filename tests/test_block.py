@@ -360,3 +360,21 @@ def test_preserve_live_keeps_the_function_with_every_branch_live():
     assert dead == []  # with init="preserve" every branch weight but the origin would get a zero gradient here
     with torch.no_grad():
         assert rel_err(block.fold()(x), block(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("live_scale", [1.0, 0.25])
+def test_preserve_live_scale_sets_the_live_branches_norm_and_keeps_the_function(live_scale):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, 3, padding=1).double()
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    expected = conv(x).detach()
+    twin = copy.deepcopy(conv)
+    block = OREPAConv(conv, OREPAConfig(init="preserve_live", live_scale=live_scale))
+    with torch.no_grad():
+        assert rel_err(block(x), expected) <= 1e-12  # float64: the same function
+        live = block.generate_kernel(torch.float64) - block.weight_origin  # origin scale is 1
+        # what the live branches generate: live_scale times scratch's, whose whole kernel has the conv's norms
+        scratch = OREPAConv(twin, OREPAConfig(init="scratch"))
+        scratch_live = scratch.generate_kernel(torch.float64) - scratch.weight_origin * scratch.scale("origin").view(-1, 1, 1, 1)
+        torch.testing.assert_close(live, live_scale * scratch_live, rtol=1e-12, atol=1e-14)
+    assert block.block_config().live_scale == live_scale

@@ -184,7 +184,7 @@ def test_progress_bar_with_a_time_budget_that_keeps_plain_epochs(tmp_path, capsy
     [
         (["yolov8n.yaml", "--data", "missing.yaml"], "dataset YAML missing.yaml does not exist"),
         (["nothere.pt", "--data", "DATA"], "model file nothere.pt does not exist"),
-        (["yolov8n.yaml", "--data", "DATA", "--variants", "plain", "fancy"], "unknown variant(s) ['fancy']"),
+        (["yolov8n.yaml", "--data", "DATA", "--variants", "plain", "fancy"], "unknown variant 'fancy'"),
         (["yolov8n.yaml", "--data", "DATA", "--variants", "preserve", "scratch"], "needs 'plain'"),
         (["--timm", "resnet18", "--data-dir", "nowhere"], "dataset folder nowhere does not exist"),
         (["--timm", "resnet18"], "--timm needs --data-dir"),
@@ -198,3 +198,60 @@ def test_compare_user_mistakes_are_one_line_errors(args, message, detect_data, t
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("plain", ("plain", {})),
+        ("preserve_live", ("preserve_live", {})),
+        ("preserve_live:live_scale=0.25", ("preserve_live", {"live_scale": 0.25})),
+        ("preserve:branches=origin+avg+pw,dws_expansion=4", ("preserve", {"branches": ("origin", "avg", "pw"), "dws_expansion": 4})),
+    ],
+)
+def test_variant_specs_name_an_init_and_block_options(text, expected):
+    from orepa_convert.compare.variants import option_words, parse_variant
+
+    assert parse_variant(text) == expected
+    init, options = expected
+    if options:
+        assert parse_variant(f"{init}:{','.join(option_words(options))}") == expected  # words read back the same
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("fancy", "unknown variant 'fancy'"),
+        ("preserve_live:seed=3", "is not FIELD=VALUE with FIELD one of"),
+        ("preserve_live:live_scale", "is not FIELD=VALUE"),
+        ("preserve_live:live_scale=lots", "cannot read live_scale='lots'"),
+        ("preserve:live_scale=0.5", "applies to init='preserve_live' only"),
+        ("preserve:branches=avg+pw", "needs the 'origin' branch"),
+    ],
+)
+def test_bad_variant_specs_are_one_line_compare_errors(text, message):
+    with pytest.raises(CompareError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        CompareSettings(backend="ultralytics", model="m.yaml", data="d.yaml", project="p", variants=("plain", text))
+
+
+def test_variant_options_reach_both_backends():
+    from orepa_convert.compare.runners import timm_recipe_args
+
+    argv = timm_recipe_args(
+        {"model": "resnet18", "data": "d", "imgsz": 32, "train_args": {"hflip": 0.0, "amp": False, "batch": 8}},
+        {"epochs": 2, "seed": 1, "variant": "preserve_live:live_scale=0.25", "lr": 0.01},
+        "out",
+    )
+    assert argv[argv.index("--init") + 1] == "preserve_live"
+    assert argv[argv.index("--orepa-option") + 1] == "live_scale=0.25"
+    assert argv[argv.index("--hflip") + 1] == "0.0" and "--amp" not in argv  # 0.0 is a value, False is "off"
+    pytest.importorskip("timm")
+    import argparse
+
+    from orepa_convert import OREPAConv, timm_train
+
+    args = argparse.Namespace(model="resnet10t", seed=1, pretrained_checkpoint=None, plain=False,
+                              init="preserve_live", orepa_option=["live_scale=0.25"])
+    model, count = timm_train.build(args, num_classes=3)
+    blocks = [m for m in model.modules() if isinstance(m, OREPAConv)]
+    assert count == len(blocks) > 0 and {b.block_config().live_scale for b in blocks} == {0.25}

@@ -22,6 +22,9 @@ from orepa_convert.state import config_from_dict, config_to_dict
         (dict(min_channels=-1), "min_channels"),
         (dict(kernel_sizes=("x",)), "kernel_sizes"),
         (dict(filter=3), "filter"),
+        (dict(init="preserve_live", live_scale=0), "live_scale must be a positive number"),
+        (dict(init="preserve_live", live_scale="0.5"), "live_scale must be a positive number"),
+        (dict(init="preserve", live_scale=0.5), "applies to init='preserve_live' only"),
     ],
 )
 def test_config_validation(kwargs, match):
@@ -51,3 +54,11 @@ def test_block_fields_round_trip_through_json():
     data = json.loads(json.dumps(config_to_dict(cfg)))
     assert set(data) == {"init", "branches", "pw_kxk_width", "dws_expansion", "seed", "eval_cache"}
     assert config_from_dict(data) == cfg.replace(exclude=())
+
+
+def test_live_scale_is_in_the_record_only_when_set():
+    plain = config_to_dict(OREPAConfig(init="preserve_live"))
+    assert "live_scale" not in plain  # records of default blocks read exactly as before
+    quiet = OREPAConfig(init="preserve_live", live_scale=0.25)
+    data = json.loads(json.dumps(config_to_dict(quiet)))
+    assert data["live_scale"] == 0.25 and config_from_dict(data) == quiet

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 
 from orepa_convert import BRANCHES, OREPAConfig, OREPAConv, kernels
+import oracles
 from offline import branch_outputs, pad_like_conv, rel_err
 from strategies import conv_configs
 
@@ -23,13 +24,13 @@ def _branch_kernel(block: OREPAConv, branch: str) -> torch.Tensor:
     if branch == "origin":
         return p["weight_origin"]
     if branch in ("avg", "prior", "pw"):
-        return kernels.expand_1x1(block.branch_weight(branch), kernels.tap_filter(branch, c.out_channels, K))
+        return oracles.expand_1x1(block.branch_weight(branch), kernels.tap_filter(branch, c.out_channels, K))
     if branch == "pw_kxk":
         first = kernels.stacked_identity(block.pw_kxk_width, c.in_channels, c.groups) + p["weight_pw_kxk_in"]
-        return kernels.compose_1x1_kxk(first, kernels.natural_pw_kxk(p["weight_pw_kxk"]), c.groups)
+        return oracles.compose_1x1_kxk(first, kernels.natural_pw_kxk(p["weight_pw_kxk"]), c.groups)
     if branch == "dws":
         pointwise = kernels.natural_dws_pointwise(p["weight_dws_pw"], c.groups)
-        return kernels.depthwise_pointwise_to_dense(p["weight_dws_dw"], pointwise, c.groups, block.dws_expansion)
+        return oracles.depthwise_pointwise_to_dense(p["weight_dws_dw"], pointwise, c.groups, block.dws_expansion)
     raise AssertionError(branch)
 
 
@@ -99,7 +100,7 @@ def test_fold_batchnorm_matches_module():
 
 def test_shape_errors_are_clear():
     with pytest.raises(ValueError, match="depthwise-separable"):
-        kernels.depthwise_pointwise_to_dense(torch.zeros(8, 1, 3, 3), torch.zeros(4, 6), 1, 8)
+        oracles.depthwise_pointwise_to_dense(torch.zeros(8, 1, 3, 3), torch.zeros(4, 6), 1, 8)
     with pytest.raises(ValueError, match="more than one tap"):
         kernels.dct_prior_filters(4, (1, 1))
 
@@ -125,11 +126,11 @@ def test_fused_generation_gradients_match_autograd(out_ch, in_ch, groups, kernel
     flat += [r(expansion * in_ch, 1, *kernel_size), r(in_ch, expansion, out_ch // groups)]  # dws
 
     def fused(*t):
-        return kernels.generate_kernel_fused(plan, t[0], t[1], t[2], filters, t[3], identity, t[4], t[5], t[6])
+        return oracles.generate_kernel_fused(plan, t[0], t[1], t[2], filters, t[3], identity, t[4], t[5], t[6])
 
     def reference(*t):
         v = t[0].view(6, out_ch)  # rows in BRANCHES order: origin, avg, prior, pw, pw_kxk, dws
-        return kernels.generate_kernel(
+        return oracles.generate_kernel(
             kernel_size, groups, origin=(v[0], t[1]),
             taps=(v[1:4], t[2].transpose(0, 1), filters.transpose(0, 1)),
             pw_kxk=(v[4], t[3] + identity, kernels.natural_pw_kxk(t[4])),

@@ -21,9 +21,9 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from ..config import INITS
 from ..errors import CompareError, CompareRunError
 from .stats import summarise
+from .variants import parse_variant
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +53,8 @@ class CompareSettings:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise CompareError(f"unknown backend {self.backend!r}; choose from {list(BACKENDS)}")
-        unknown = [v for v in self.variants if v != "plain" and v not in INITS]
-        if unknown:
-            raise CompareError(f"unknown variant(s) {unknown}; choose from ['plain', {', '.join(map(repr, INITS))}]")
+        for variant in self.variants:
+            parse_variant(variant)
         if len(set(self.variants)) != len(self.variants):
             raise CompareError(f"variants repeat: {list(self.variants)}")
         if "plain" not in self.variants:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import CompareRunError
+from .variants import option_words, parse_variant
 
 #: ultralytics results_dict key of the metric a comparison reports, by task
 _ULTRALYTICS_METRICS = {
@@ -83,8 +84,9 @@ def run_ultralytics(
     seed, variant = job["seed"], job["variant"]
     torch.manual_seed(seed)
     model = YOLO(settings["model"])
-    if variant != "plain":
-        convert_to_orepa(model, init=variant, seed=seed, restore=False)  # an OREPA best.pt: its folded weights
+    init, options = parse_variant(variant)
+    if init != "plain":
+        convert_to_orepa(model, init=init, seed=seed, restore=False, **options)  # an OREPA best.pt: its folded weights
     args: dict[str, Any] = {"plots": False, "verbose": False, **settings["train_args"]}
     args.update(
         data=settings["data"],
@@ -156,7 +158,10 @@ def timm_recipe_args(settings: dict[str, Any], job: dict[str, Any], output: Path
         "--output",
         str(output),
     ]
-    argv += ["--plain"] if job["variant"] == "plain" else ["--init", job["variant"]]
+    init, options = parse_variant(job["variant"])
+    argv += ["--plain"] if init == "plain" else ["--init", init]
+    for word in option_words(options):
+        argv += ["--orepa-option", word]
     if job["lr"] is not None:
         argv += ["--lr", repr(job["lr"])]
     if settings.get("imgsz"):
@@ -165,7 +170,7 @@ def timm_recipe_args(settings: dict[str, Any], job: dict[str, Any], output: Path
         flag = _TIMM_FLAGS.get(key, "--" + key.replace("_", "-"))
         if value is True:
             argv.append(flag)
-        elif value not in (False, None):
+        elif value is not False and value is not None:  # 0 and 0.0 are values, not "off"
             argv += [flag, str(value)]
     return argv
 

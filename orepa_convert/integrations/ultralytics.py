@@ -74,9 +74,8 @@ LEGACY_KEY = "orepa"  # record format 1 lived in model.yaml["orepa"]; dropped wh
 
 def unwrap(obj: object) -> nn.Module | None:
     """The task model inside an ultralytics ``Model`` (``YOLO``, ``RTDETR``, ...)."""
-    if isinstance(obj, Model) and isinstance(getattr(obj, "model", None), nn.Module):
-        return obj.model
-    return None
+    model = getattr(obj, "model", None)
+    return model if isinstance(obj, Model) and isinstance(model, nn.Module) else None
 
 
 def reload_changed(obj: object, root: nn.Module) -> nn.Module | None:
@@ -91,7 +90,7 @@ def reload_changed(obj: object, root: nn.Module) -> nn.Module | None:
     try:
         from ultralytics.nn.tasks import load_checkpoint as load
     except ImportError:  # ultralytics < 8.4
-        from ultralytics.nn.tasks import attempt_load_one_weight as load
+        from ultralytics.nn.tasks import attempt_load_one_weight as load  # type: ignore[attr-defined,no-redef]
     fresh, _ = load(path)
     if carried_state(fresh) is None or fused_since_saved(fresh):
         return None
@@ -182,7 +181,7 @@ class FoldedFuse:
     def __call__(self, *args: Any, **kwargs: Any) -> nn.Module:
         key = self._key()
         if self._shared.get("key") != key:
-            folded = copy.deepcopy(self.model)
+            folded: Any = copy.deepcopy(self.model)
             fold_orepa(folded)  # removes the copy's FoldedFuse: fuse() below is ultralytics' own
             self._shared.clear()
             self._shared.update(key=key, folded=folded.fuse(*args, **kwargs))
@@ -205,6 +204,8 @@ class FoldedFuse:
 class OREPATrainerMixin:
     """Mixed into each ultralytics task trainer; see the module docstring."""
 
+    model: Any  # the trainer's model (ultralytics' BaseTrainer sets it)
+
     def __init__(
         self,
         cfg: Any = None,
@@ -225,7 +226,7 @@ class OREPATrainerMixin:
             cfg = DEFAULT_CFG
         super().__init__(cfg, overrides, _callbacks)  # type: ignore[call-arg]
 
-    def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
+    def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> Any:
         """Build the plain model, then load plain weights and convert, or convert as recorded and load OREPA weights.
 
         The conversion follows the record of the model training starts from (the OREPA weights, or the in-memory
@@ -320,7 +321,7 @@ class OREPATrainerMixin:
     def resume_training(self, ckpt: dict | None) -> Any:
         """Resume from a checkpoint of ours: the EMA state is the OREPA model the folded one carries."""
         ema = ckpt.get("ema") if isinstance(ckpt, dict) else None
-        if isinstance(ema, nn.Module) and carried_state(ema) is not None:
+        if isinstance(ckpt, dict) and isinstance(ema, nn.Module) and carried_state(ema) is not None:
             ckpt = {**ckpt, "ema": unfold_carried(copy.deepcopy(ema))}
         return super().resume_training(ckpt)  # type: ignore[misc]
 

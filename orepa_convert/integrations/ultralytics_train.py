@@ -123,12 +123,13 @@ def _fold_error(best: Path, imgsz: int) -> float | None:
     if not best.is_file():
         return None
     restored = YOLO(str(best))
-    stock = copy.deepcopy(restored.model).float().eval()
+    net: Any = restored.model  # ultralytics types YOLO.model loosely (str | None); here it is the network
+    stock = copy.deepcopy(net).float().eval()
     convert_to_orepa(restored)  # the trained blocks the file carries
     x = torch.rand(1, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(0))
     first = lambda t: t[0] if isinstance(t, (list, tuple)) else t  # noqa: E731
     with torch.no_grad():
-        a, b = first(restored.model.float().eval()(x)), first(stock(x))
+        a, b = first(net.float().eval()(x)), first(stock(x))
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
@@ -137,7 +138,7 @@ def train(pairs: Sequence[str]) -> TrainSummary:
     from ultralytics import YOLO
 
     yolo_args, orepa_args = parse_pairs(pairs)
-    model = YOLO(yolo_args.pop("model"))
+    model: Any = YOLO(yolo_args.pop("model"))  # its .model and .trainer are typed loosely by ultralytics
     _, report = convert_to_orepa(model, return_report=True, **orepa_args)
     blocks = report.converted + report.already_converted
     if blocks == 0:
