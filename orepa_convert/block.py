@@ -16,11 +16,11 @@ from torch.func import functional_call
 from torch.nn.modules.conv import _ConvNd
 
 from . import kernels
-from .config import BRANCHES, PAPER_SCALE_INIT, PAPER_SCALE_INIT_1X1, Init, OREPAConfig
+from .config import PAPER_SCALE_INIT, PAPER_SCALE_INIT_1X1, OREPAConfig
 from .errors import OREPALayoutError
+from .spec import PARAMETER_NAMES, BlockSpec, SavedLayout, upgrade_v1_state
 
 #: Version of the block's state_dict layout; stored in every block's extra state.
-FORMAT_VERSION = 2
 
 _PLAIN_CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -86,19 +86,7 @@ def unsupported_reason(conv: nn.Module, *, pointwise: bool = False) -> str | Non
 
 def branch_parameter_count(conv: _ConvNd, config: OREPAConfig) -> int:
     """Parameters an :class:`OREPAConv` around ``conv`` would have beyond ``conv``'s own (weight and bias)."""
-    out_channels, in_channels, groups = conv.out_channels, conv.in_channels, conv.groups
-    in_per_group, taps = in_channels // groups, kernels.num_taps(conv.kernel_size)
-    width, e = config.branch_width(in_channels, groups), config.dws_expansion
-    branches = config.branches_for(tuple(conv.kernel_size))
-    sizes = {
-        "origin": 0,  # replaces the conv's own weight (the same tensor with init="preserve")
-        "avg": out_channels * in_per_group,
-        "prior": out_channels * in_per_group,
-        "pw_kxk": width * in_per_group + out_channels * (width // groups) * taps,
-        "pw": out_channels * in_per_group,
-        "dws": e * in_channels * taps + out_channels * e * in_per_group,
-    }
-    return sum(sizes[b] + out_channels for b in branches)  # + one scale vector per branch
+    return BlockSpec.for_conv(conv, config).added_parameters()
 
 
 def generation_ahead_allowed() -> bool:
@@ -165,37 +153,6 @@ def generate_kernels(plan: kernels.GenerationPlan, blocks: list[OREPAConv], dtyp
     return kernels.generate_kernels_stacked(plan, [b.generation_inputs() for b in blocks], filters, identity, dtype)
 
 
-#: Branch order of format version 1 (bit order of its branch mask); it kept one tensor per branch and scale.
-_V1_BRANCHES = ("origin", "avg", "prior", "pw_kxk", "pw", "dws")
-
-
-def _saved_layout(state: Any) -> list[int] | None:
-    """A block's saved extra state as ``[format_version, branch mask, t, e]`` ints, or ``None`` if unreadable."""
-    try:
-        return [int(v) for v in torch.as_tensor(state).flatten().tolist()]
-    except (TypeError, ValueError, RuntimeError):
-        return None
-
-
-def _upgrade_v1_state(state_dict: dict[str, Any], prefix: str, saved: list[int]) -> None:
-    """Rewrite a format-1 block state in place: ``weight_avg/prior/pw`` -> ``weight_taps``, ``scale_<branch>``
-    -> ``scales`` and ``weight_dws_pw`` from ``[I, O/g, e]`` to ``[I, e, O/g]`` (same values, so the loaded block
-    computes exactly what the saved one did)."""
-    if len(saved) < 4:
-        return  # incomplete: the layout check reports it
-    branches = [b for i, b in enumerate(_V1_BRANCHES) if saved[1] >> i & 1]
-    order = [b for b in BRANCHES if b in branches]
-    taps = kernels.tap_branches(order)
-    if taps and all(prefix + f"weight_{b}" in state_dict for b in taps):
-        state_dict[prefix + "weight_taps"] = torch.stack([state_dict.pop(prefix + f"weight_{b}") for b in taps], 1)
-    if prefix + "weight_dws_pw" in state_dict:  # format 1 stored [I, O/g, e]
-        state_dict[prefix + "weight_dws_pw"] = state_dict[prefix + "weight_dws_pw"].transpose(1, 2).contiguous()
-    if all(prefix + f"scale_{b}" in state_dict for b in order):
-        state_dict[prefix + "scales"] = torch.cat([state_dict.pop(prefix + f"scale_{b}") for b in order])
-    mask = sum(1 << BRANCHES.index(b) for b in branches)
-    state_dict[prefix + "_extra_state"] = torch.tensor([FORMAT_VERSION, mask, saved[2], saved[3]], dtype=torch.int64)
-
-
 class OREPAConv(nn.Module):
     """An OREPA block in place of ``conv``: six linear branches squeezed into one kernel every forward.
 
@@ -235,67 +192,45 @@ class OREPAConv(nn.Module):
             raise ValueError(f"cannot convert {type(conv).__name__}: {reason}")
         config = config or OREPAConfig()
         weight = cast(nn.Parameter, conv.weight)
-        out_channels, in_per_group, *kernel_size = weight.shape
-        groups: int = conv.groups
-        in_channels = in_per_group * groups
-        width = config.branch_width(in_channels, groups)
-        expansion = config.dws_expansion
+        self.spec: BlockSpec = BlockSpec.for_conv(conv, config)
+        spec = self.spec
+        shapes = spec.parameter_shapes()
+        kk, ig, g, t, e = spec.kernel_taps, spec.in_per_group, spec.groups, spec.width, spec.expansion
         gen = generator if generator is not None else torch.Generator().manual_seed(config.seed)
-        num_taps = kernels.num_taps(kernel_size)
-        branches = config.branches_for(tuple(kernel_size))
-        if num_taps == 1 and "pw_kxk" not in branches:
-            raise ValueError(
-                f"a 1x1 OREPA block needs the 'pw_kxk' branch (the 1x1 chain); config.branches={config.branches!r}"
-            )
 
-        self.branches: tuple[str, ...] = branches
-        self.init: Init = config.init
-        self.eval_cache: bool = config.eval_cache
-        self.pw_kxk_width: int = width
-        self.dws_expansion: int = expansion
-        self.live_scale: float = config.live_scale
-        self.seed: int = config.seed  # the config seed (this block's generator was seeded from it and its path)
-        self.pw_kxk_multiplier: int | None = config.pw_kxk_width  # as configured (None: the paper's rule)
-
-        def random(*shape: int, fan_in: int) -> nn.Parameter:
+        def random(shape: tuple[int, ...], fan_in: int) -> nn.Parameter:
             bound = math.sqrt(6.0 / fan_in)  # Kaiming-uniform with a = 0
             data = torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=gen)
             return nn.Parameter(data.to(device=weight.device, dtype=weight.dtype), weight.requires_grad)
 
-        taps = kernels.tap_branches(self.branches)
-        for branch in self.branches:
+        # Random draws in branch order (the order fixes every block's values for a seed).
+        taps = spec.tap_branches
+        for branch in spec.branches:
             if branch == "origin":
                 if config.init == "preserve":
                     self.weight_origin = weight  # the very same Parameter: exact, and no copy
                 else:
-                    self.weight_origin = random(
-                        out_channels, in_per_group, *kernel_size, fan_in=in_per_group * num_taps
-                    )
+                    self.weight_origin = random(shapes["weight_origin"], ig * kk)
             elif branch in taps[:1]:
-                # the 1x1 weights of every fixed-filter branch, stacked [O, B, I/g]
-                rows = [random(out_channels, 1, in_per_group, fan_in=in_per_group) for _ in taps]
+                o, b, _ = shapes["weight_taps"]
+                rows = [random((o, 1, ig), ig) for _ in range(b)]  # one draw per fixed-filter branch
                 self.weight_taps = nn.Parameter(torch.cat(tuple(rows), 1), weight.requires_grad)
             elif branch == "pw_kxk":
-                zeros = torch.zeros(width, in_per_group, device=weight.device, dtype=weight.dtype)
+                zeros = torch.zeros(shapes["weight_pw_kxk_in"], device=weight.device, dtype=weight.dtype)
                 self.weight_pw_kxk_in = nn.Parameter(zeros, weight.requires_grad)
-                # stored [O, *K, t/g] (see kernels.natural_pw_kxk for the conv layout)
-                self.weight_pw_kxk = random(
-                    out_channels, *kernel_size, width // groups, fan_in=width // groups * num_taps
-                )
+                self.weight_pw_kxk = random(shapes["weight_pw_kxk"], t // g * kk)
             elif branch == "dws":
-                self.weight_dws_dw = random(expansion * in_channels, 1, *kernel_size, fan_in=num_taps)
-                # stored [I, e, O/g] (see kernels.natural_dws_pointwise for the conv layout)
-                self.weight_dws_pw = random(
-                    in_channels, expansion, out_channels // groups, fan_in=expansion * in_per_group
-                )
+                self.weight_dws_dw = random(shapes["weight_dws_dw"], kk)
+                self.weight_dws_pw = random(shapes["weight_dws_pw"], e * ig)
+        num_taps, out_channels = kk, spec.out_channels
         if config.init == "preserve":
-            values = [1.0 if b == "origin" else 0.0 for b in self.branches]
+            values = [1.0 if b == "origin" else 0.0 for b in spec.branches]
         else:  # "paper", and "scratch" before _match_kernel_norm
-            values = [(PAPER_SCALE_INIT_1X1 if num_taps == 1 else PAPER_SCALE_INIT)[b] for b in self.branches]
+            values = [(PAPER_SCALE_INIT_1X1 if num_taps == 1 else PAPER_SCALE_INIT)[b] for b in spec.branches]
         scales = torch.tensor(values, dtype=torch.float64).repeat_interleave(out_channels)
         # one 1-D parameter [n * O]; row j of its [n, O] view scales branch j (see scale())
         self.scales = nn.Parameter(scales.to(device=weight.device, dtype=weight.dtype), weight.requires_grad)
-        self._plan = kernels.generation_plan(weight.shape, groups, self.branches, expansion, width)
+        self._plan = spec.plan()
         live = config.init == "preserve_live"
         wrapped = weight.detach().double() if live else None
         target_norm = (
@@ -345,6 +280,14 @@ class OREPAConv(nn.Module):
     def conv(self) -> _ConvNd:
         """The wrapped conv (without weight while the block is active)."""
         return self._conv
+
+    branches = property(lambda self: self.spec.branches, doc="The block's branches, in BRANCHES order.")
+    init = property(lambda self: self.spec.init)
+    eval_cache = property(lambda self: self.spec.eval_cache)
+    pw_kxk_width = property(lambda self: self.spec.width, doc="Internal width t of the 1x1->kxk branch.")
+    dws_expansion = property(lambda self: self.spec.expansion)
+    live_scale = property(lambda self: self.spec.live_scale)
+    seed = property(lambda self: self.spec.seed)
 
     in_channels = property(lambda self: self._conv.in_channels)
     out_channels = property(lambda self: self._conv.out_channels)
@@ -414,6 +357,22 @@ class OREPAConv(nn.Module):
         return self
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if "spec" not in state:  # pickled before blocks held a BlockSpec: its fields were attributes
+            state = dict(state)
+            plan, width = state["_plan"], state.pop("pw_kxk_width")
+            multiplier = state.pop("pw_kxk_multiplier", width // (plan.in_per_group * plan.groups))
+            state["spec"] = BlockSpec(
+                shape=tuple(plan.shape),
+                groups=plan.groups,
+                branches=tuple(state.pop("branches")),
+                width=width,
+                expansion=state.pop("dws_expansion"),
+                init=state.pop("init"),
+                seed=state.pop("seed", 0),
+                live_scale=state.pop("live_scale", 1.0),
+                eval_cache=state.pop("eval_cache", True),
+                pw_kxk_multiplier=multiplier,
+            )
         super().__setstate__(state)
         if "tap_filters" not in self._buffers:  # pickled by a version that kept them in a cache
             self._buffers.update(tap_filters=None, pw_kxk_identity=None)
@@ -423,9 +382,7 @@ class OREPAConv(nn.Module):
     def generation_inputs(self) -> list[Tensor]:
         """The block's parameter tensors in :attr:`kernels.GenerationPlan.kinds` order."""
         params = self._parameters
-        names = ("scales", "weight_origin", "weight_taps", "weight_pw_kxk_in", "weight_pw_kxk", "weight_dws_dw",
-                 "weight_dws_pw")  # fmt: skip
-        return [p for p in (params.get(n) for n in names) if p is not None]
+        return [cast(Tensor, params[PARAMETER_NAMES[kind]]) for kind in self._plan.kinds]
 
     def generate_kernel(self, compute_dtype: torch.dtype | None = None) -> Tensor:
         """Generate the kernel ``[O, I/g, *K]`` in the parameters' dtype.
@@ -537,51 +494,16 @@ class OREPAConv(nn.Module):
     # ------------------------------------------------------------------ state
     def block_config(self) -> OREPAConfig:
         """The :class:`OREPAConfig` (block fields only) that builds this block again; see :mod:`.state`."""
-        multiplier = self.__dict__.get("pw_kxk_multiplier", self.pw_kxk_width // self.in_channels)
-        return OREPAConfig(
-            init=self.init,
-            branches=self.branches,
-            pw_kxk_width=multiplier,
-            dws_expansion=self.dws_expansion,
-            live_scale=self.__dict__.get("live_scale", 1.0),
-            seed=self.__dict__.get("seed", 0),
-            eval_cache=self.eval_cache,
-        )
-
-    def _layout(self) -> list[int]:
-        mask = sum(1 << BRANCHES.index(b) for b in self.branches)
-        return [FORMAT_VERSION, mask, self.pw_kxk_width, self.dws_expansion]
+        return self.spec.config()
 
     def get_extra_state(self) -> Tensor:
-        """Format version and config as a small int64 tensor (tensor-valued, so EMA and checkpoint tools that
-        iterate state_dict values keep working)."""
-        return torch.tensor(self._layout(), dtype=torch.int64)
+        """The saved layout (:class:`~orepa_convert.spec.SavedLayout`) as a small int64 tensor."""
+        return self.spec.layout().encode()
 
     def set_extra_state(self, state: Any) -> None:
-        problem = self._layout_problem(state)
+        problem = self.spec.layout_problem(state)
         if problem:
             raise OREPALayoutError(problem)
-
-    def _layout_problem(self, state: Any) -> str | None:
-        saved = _saved_layout(state)
-        if saved is None:
-            return f"unreadable OREPA block state {state!r}"
-        mine = self._layout()
-        if saved == mine:
-            return None
-        if not saved or saved[0] != FORMAT_VERSION:
-            return (
-                f"OREPA block state has format version {saved[0] if saved else '?'}, this orepa_convert reads "
-                f"version {FORMAT_VERSION}; fold the model with the orepa_convert version that trained it"
-            )
-        branches = [b for i, b in enumerate(BRANCHES) if saved[1] >> i & 1] if len(saved) > 1 else "?"
-        width, expansion = (saved[2], saved[3]) if len(saved) >= 4 else ("?", "?")
-        return (
-            f"OREPA block was saved with branches={branches}, pw_kxk_width={width}, "
-            f"dws_expansion={expansion} but this model has branches={list(self.branches)}, "
-            f"pw_kxk_width={self.pw_kxk_width}, dws_expansion={self.dws_expansion}; convert with the same "
-            f"OREPAConfig before loading"
-        )
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -594,11 +516,11 @@ class OREPAConv(nn.Module):
             )
             return
         extra = state_dict.get(prefix + "_extra_state")
-        saved = None if extra is None else _saved_layout(extra)
-        if saved and saved[0] == 1:
-            _upgrade_v1_state(state_dict, prefix, saved)
+        saved = None if extra is None else SavedLayout.decode(extra)
+        if saved is not None and saved.version == 1 and saved.readable:
+            upgrade_v1_state(state_dict, prefix, saved)
             extra = state_dict[prefix + "_extra_state"]
-        problem = None if extra is None else self._layout_problem(extra)
+        problem = None if extra is None else self.spec.layout_problem(extra)
         if problem:
             error_msgs.append(f"{name}: {problem}")
             return

@@ -5,9 +5,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from .spec import BlockSpec
 
 #: The six linear branches of an OREPA block, in canonical order (also the order of a block's scale rows).
 BRANCHES: tuple[str, ...] = ("origin", "avg", "prior", "pw", "pw_kxk", "dws")
@@ -182,6 +185,12 @@ class OREPAConfig:
         return self.kernel_sizes is not None and any(
             spec == 1 if isinstance(spec, int) else all(v == 1 for v in spec) for spec in self.kernel_sizes
         )
+
+    def spec_for(self, conv: nn.Module) -> BlockSpec:
+        """The :class:`~orepa_convert.spec.BlockSpec` of the block this config builds around ``conv``."""
+        from .spec import BlockSpec
+
+        return BlockSpec.for_conv(conv, self)
 
     def branches_for(self, kernel_size: tuple[int, ...]) -> tuple[str, ...]:
         """The branches a block with this kernel has: :data:`POINTWISE_BRANCHES` of ``branches`` for a 1x1 kernel,

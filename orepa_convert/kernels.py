@@ -165,14 +165,6 @@ class GenerationPlan(NamedTuple):
                    "pw": r_pw >= 0, "dws_dw": r_dws >= 0, "dws_pw": r_dws >= 0}  # fmt: skip
         return tuple(k for k in PARAMETER_KINDS if present[k])
 
-    def storage_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Storage shape of each parameter tensor of :attr:`kinds`."""
-        o, ig, g, e, k = self.out_channels, self.in_per_group, self.groups, self.expansion, self.shape[2:]
-        shapes = {"scales": (self.num_branches * o,), "origin": self.shape, "taps": (o, self.num_taps, ig),
-                  "pw_in": (self.width, ig), "pw": (o, *k, self.width // g), "dws_dw": (e * ig * g, 1, *k),
-                  "dws_pw": (ig * g, e, o // g)}  # fmt: skip
-        return {kind: shapes[kind] for kind in self.kinds}
-
 
 #: The parameter tensors of a block, in the order :func:`generate_kernels_stacked` takes them.
 PARAMETER_KINDS: tuple[str, ...] = ("scales", "origin", "taps", "pw_in", "pw", "dws_dw", "dws_pw")
@@ -327,10 +319,10 @@ def _stack_inputs(plan: GenerationPlan, count: int, flat: Sequence[Tensor], dtyp
     ``dtype``: views for one block, else one ``cat`` of everything and views into it."""
     if count == 1:
         return [x.to(dtype).unsqueeze(0) for x in flat]
-    shapes = plan.storage_shapes()
+    shapes = [flat[i * count].shape for i in range(len(plan.kinds))]  # the blocks of a plan store equal shapes
     buffer = torch.cat([x.reshape(-1) for x in flat]).to(dtype)
-    sizes = [count * math.prod(shapes[k]) for k in plan.kinds]
-    return [part.view(count, *shapes[k]) for part, k in zip(buffer.split(sizes), plan.kinds)]
+    sizes = [count * math.prod(shape) for shape in shapes]
+    return [part.view(count, *shape) for part, shape in zip(buffer.split(sizes), shapes)]
 
 
 class _GenerateStacked(torch.autograd.Function):

@@ -30,7 +30,7 @@ from torch import nn
 
 from . import ahead
 from .block import OREPAConv, unsupported_reason
-from .config import BRANCHES, Init, OREPAConfig
+from .config import Init, OREPAConfig
 from .errors import OREPAStateError
 from .fold import fold_orepa
 from .integrations import notify
@@ -332,15 +332,14 @@ def state_from_layout(
     """Rebuild the record of a converted model's ``state_dict`` from its blocks' saved layouts (branches and
     widths), for files that carry no record. ``model`` is the plain architecture (for channel counts); ``seed``
     and ``init`` only affect random initial values, which loading the state_dict overwrites."""
-    from .block import _V1_BRANCHES, FORMAT_VERSION
+    from .spec import SavedLayout, config_from_layout
 
     root = unwrap_model(model)
     groups: dict[OREPAConfig, list[str]] = {}
-    for path, saved in _layout_prefixes(state_dict).items():
-        if len(saved) < 4 or saved[0] not in (1, FORMAT_VERSION):
-            raise OREPAStateError(f"'{path}': unreadable OREPA block layout {saved}")
-        order = _V1_BRANCHES if saved[0] == 1 else BRANCHES
-        branches = tuple(b for i, b in enumerate(order) if saved[1] >> i & 1)
+    for path, raw in _layout_prefixes(state_dict).items():
+        saved = SavedLayout.decode(raw)
+        if saved is None or not saved.readable:
+            raise OREPAStateError(f"'{path}': unreadable OREPA block layout {raw}")
         try:
             conv = root.get_submodule(path)
         except AttributeError:
@@ -348,14 +347,12 @@ def state_from_layout(
                 f"the state_dict has an OREPA block at '{path}', which the model does not have"
             ) from None
         in_channels = getattr(conv, "in_channels", None)
-        if not isinstance(in_channels, int) or saved[2] % in_channels:
-            raise OREPAStateError(f"'{path}': the saved block does not fit a {type(conv).__name__} there")
-        config = OREPAConfig(
-            init=cast(Init, init) if "origin" in branches else "paper",
-            branches=branches,
-            pw_kxk_width=saved[2] // in_channels,
-            dws_expansion=saved[3],
-            seed=seed,
+        config = (
+            config_from_layout(saved, in_channels, init=cast(Init, init), seed=seed)
+            if isinstance(in_channels, int)
+            else None
         )
+        if config is None:
+            raise OREPAStateError(f"'{path}': the saved block does not fit a {type(conv).__name__} there")
         groups.setdefault(config, []).append(path)
     return make_state(groups)

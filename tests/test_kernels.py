@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 
 from orepa_convert import BRANCHES, OREPAConfig, OREPAConv, kernels
+from orepa_convert.spec import BlockSpec
 import oracles
 from offline import branch_outputs, pad_like_conv, rel_err
 from strategies import conv_configs
@@ -170,10 +171,12 @@ def test_stacked_generation_equals_each_block_alone(branches, groups, kernel_siz
     gradients, also with mixed requires_grad and an unused kernel."""
     g = torch.Generator().manual_seed(1)
     out_ch, in_ch, expansion = 8, 4, 2
-    plan = kernels.generation_plan((out_ch, in_ch // groups, *kernel_size), groups, branches, expansion, width)
-    shapes = plan.storage_shapes()
+    spec = BlockSpec((out_ch, in_ch // groups, *kernel_size), groups, tuple(b for b in BRANCHES if b in branches),
+                     width, expansion)
+    plan, shapes = spec.plan(), spec.parameter_shapes()
     blocks = [
-        [torch.randn(shapes[k], generator=g, dtype=torch.float64).requires_grad_(i != 1 or k != "scales") for k in plan.kinds]
+        [torch.randn(shape, generator=g, dtype=torch.float64).requires_grad_(i != 1 or name != "scales")
+         for name, shape in shapes.items()]
         for i in range(3)
     ]
     taps = kernels.tap_branches(branches)

@@ -135,3 +135,34 @@ def test_cli_folds_any_config_without_selection_flags(kind, tmp_path, capsys):
         assert rel_err(plain(x), model(x)) <= 1e-5
     assert main(["fold", str(src), "-o", str(out)]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_files_written_before_block_specs_load_and_compute_the_same():
+    """tests/data/pre_blockspec_*: written by the block before it held a BlockSpec (a whole pickled model, and a
+    state_dict with its record); both load into this version and compute the same float64 outputs."""
+    from pathlib import Path
+
+    from torch import nn
+
+    from orepa_convert import OREPAConv
+
+    data = Path(__file__).parent / "data"
+    saved = torch.load(data / "pre_blockspec_state.pt", weights_only=True)
+    pickled = torch.load(data / "pre_blockspec_model.pt", weights_only=False)
+    blocks = [m for m in pickled.modules() if isinstance(m, OREPAConv)]
+    assert len(blocks) == 3 and blocks[0].live_scale == 0.25 and blocks[2].branches == ("origin", "avg", "pw", "dws")
+    with torch.no_grad():
+        assert torch.equal(pickled.eval()(saved["x"]), saved["y"])
+    torch.manual_seed(0)
+    fresh = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 6, (3, 5), padding=(1, 2)), nn.BatchNorm2d(6)).double()
+    record = json.loads((data / "pre_blockspec_record.json").read_text())
+    restore_from_orepa_state(fresh, record)
+    fresh.load_state_dict(saved["state_dict"])
+    assert orepa_state(fresh)["groups"] == record["groups"]
+    assert [b.block_config() for b in blocks] == [m.block_config() for m in fresh.modules() if isinstance(m, OREPAConv)]
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(saved["x"]), saved["y"])
+        folded = fold_orepa(fresh)
+        assert rel_err(folded(saved["x"]), saved["y"]) <= 1e-12
