@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import warnings
@@ -283,7 +284,17 @@ class OREPAConv(nn.Module):
 
     branches = property(lambda self: self.spec.branches, doc="The block's branches, in BRANCHES order.")
     init = property(lambda self: self.spec.init)
-    eval_cache = property(lambda self: self.spec.eval_cache)
+
+    @property
+    def eval_cache(self) -> bool:
+        """Whether the generated kernel is cached in eval mode (see :class:`OREPAConfig`); settable."""
+        return self.spec.eval_cache
+
+    @eval_cache.setter
+    def eval_cache(self, value: bool) -> None:
+        self.spec = dataclasses.replace(self.spec, eval_cache=bool(value))
+        self.__dict__.pop("_kernel_cache", None)
+
     pw_kxk_width = property(lambda self: self.spec.width, doc="Internal width t of the 1x1->kxk branch.")
     dws_expansion = property(lambda self: self.spec.expansion)
     live_scale = property(lambda self: self.spec.live_scale)

@@ -378,3 +378,16 @@ def test_preserve_live_scale_sets_the_live_branches_norm_and_keeps_the_function(
         scratch_live = scratch.generate_kernel(torch.float64) - scratch.weight_origin * scratch.scale("origin").view(-1, 1, 1, 1)
         torch.testing.assert_close(live, live_scale * scratch_live, rtol=1e-12, atol=1e-14)
     assert block.block_config().live_scale == live_scale
+
+
+def test_block_fields_come_from_its_spec_and_eval_cache_stays_settable():
+    conv = nn.Conv2d(4, 8, 3, groups=2)
+    config = OREPAConfig(branches=("origin", "pw_kxk", "dws"), pw_kxk_width=2, dws_expansion=2, seed=4)
+    spec = config.spec_for(conv)
+    block = OREPAConv(conv, config)
+    assert block.spec == spec and block.block_config() == config.replace()
+    assert {n: tuple(p.shape) for n, p in block.named_parameters() if n != "bias"} == spec.parameter_shapes()
+    assert sum(p.numel() for n, p in block.named_parameters() if n != "bias") - 8 * 2 * 9 == spec.added_parameters()
+    assert (block.branches, block.pw_kxk_width, block.dws_expansion) == (spec.branches, 8, 2)
+    block.eval_cache = False  # a switch benchmarks flip on live blocks
+    assert block.spec.eval_cache is False and block.block_config().eval_cache is False
