@@ -235,6 +235,16 @@ def run_phase(task: Task, root: Path, phase: str) -> None:
             run_all(settings_for(task, folder, start, "epochs", ran), progress=False)
 
 
+def _named_copies(folders: list[Path], scratch: Path) -> list[Path]:
+    """Each ``TASK/BUDGET/compare.json`` copied to ``scratch/TASK/`` (read only, so running studies are safe)."""
+    out = []
+    for folder in folders:
+        (scratch / folder.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(folder / "compare.json", scratch / folder.parent.name / "compare.json")
+        out.append(scratch / folder.parent.name)
+    return out
+
+
 def export(root: Path, path: Path, tasks: list[Task]) -> dict[str, Any]:
     """``docs/results/finetune_tasks.json``: the tasks, every run, the pooled estimates per budget."""
     import torch
@@ -254,9 +264,7 @@ def export(root: Path, path: Path, tasks: list[Task]) -> dict[str, Any]:
         for folder in folders:
             data = json.loads((folder / "compare.json").read_text())
             task = folder.parent.name
-            if data.get("meta", {}).get("task") != task:  # the pooled tables name tasks by meta.task
-                data.setdefault("meta", {})["task"] = task
-                (folder / "compare.json").write_text(json.dumps(data, indent=2) + "\n")
+
             metric = data.get("metric")
             studies[f"{task}/{budget}"] = {"chosen_lr": data.get("chosen_lr"), "epochs_of": data.get("epochs_of"),
                                           "metric": metric, "summary": data.get("summary")}
@@ -280,10 +288,12 @@ def export(root: Path, path: Path, tasks: list[Task]) -> dict[str, Any]:
                 markdown.append(f"| {key.split('/')[0]} | {row['variant']} | {row['lr']:g} | {row['epochs']} | "
                                 f"{row['mean']:.4f} ± {row['std'] or 0:.4f} | {delta} | {better} | {ratio} |")
         markdown.append("")
-        if len(folders) >= 2:
-            pooled[budget] = {}
+        finished = [f for f in folders if "summary" in json.loads((f / "compare.json").read_text())]
+        if len(finished) >= 2:
+            pooled[budget] = {"tasks": [f.parent.name for f in finished]}
+            named = _named_copies(finished, Path(tempfile.mkdtemp()))  # pool names each task by its folder
             for effect in pool.EFFECTS:
-                found = pool.pool_studies(folders, effect=effect)
+                found = pool.pool_studies(named, effect=effect)
                 pooled[budget][effect] = pool.to_dict(found)
                 if effect == "raw":
                     markdown += [f"### Pooled ({budget} budget, raw effect)", ""]

@@ -147,12 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from timm.data import create_dataset, create_loader
+    from timm.utils import random_seed
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3
     from tqdm import tqdm
 
     device, rank, world = _setup_distributed(args.device)
+    # timm's transforms draw from Python's and NumPy's generators: seed them as timm's train.py does, so that a
+    # run (and every variant of a comparison seed) sees the same augmentations
+    random_seed(args.seed, rank)
     main_process = rank == 0
     out_dir = Path(args.output)
     if main_process:
