@@ -152,7 +152,9 @@ def test_files_written_before_block_specs_load_and_compute_the_same():
     blocks = [m for m in pickled.modules() if isinstance(m, OREPAConv)]
     assert len(blocks) == 3 and blocks[0].live_scale == 0.25 and blocks[2].branches == ("origin", "avg", "pw", "dws")
     with torch.no_grad():
-        assert torch.equal(pickled.eval()(saved["x"]), saved["y"])
+        y = pickled.eval()(saved["x"])
+    # float64 on another machine's kernels (the file's y came from one CPU): equal to float64 rounding
+    assert rel_err(y, saved["y"]) <= 1e-12
     torch.manual_seed(0)
     fresh = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
@@ -163,6 +165,6 @@ def test_files_written_before_block_specs_load_and_compute_the_same():
     assert orepa_state(fresh)["groups"] == record["groups"]
     assert [b.block_config() for b in blocks] == [m.block_config() for m in fresh.modules() if isinstance(m, OREPAConv)]
     with torch.no_grad():
-        assert torch.equal(fresh.eval()(saved["x"]), saved["y"])
+        assert torch.equal(fresh.eval()(saved["x"]), y)  # the same blocks, on this machine: bit for bit
         folded = fold_orepa(fresh)
         assert rel_err(folded(saved["x"]), saved["y"]) <= 1e-12
