@@ -71,7 +71,9 @@ class OREPAConfig:
             ``"preserve_live"`` keeps the function too (to float rounding) but with every branch live from the first
             step: the other branches as in ``"scratch"`` (random weights, paper proportions, the wrapped weight's
             norm), origin scale 1 and origin weight = the conv's weight minus their contribution. With
-            ``"preserve"`` the extra branches get no gradient until their zero scales move.
+            ``"preserve"`` the extra branches get no gradient until their zero scales move. Fine-tuning evidence
+            (docs/efficacy.md, four task pairs pooled): no init gave a resolved gain over plain, so the default
+            stays the exact ``"preserve"``; measure yours with ``orepa-convert compare``.
         live_scale: ``init="preserve_live"`` only: the norm of the kernel the live branches start from, as a
             fraction of ``"scratch"``'s (1, the default: the wrapped weight's norm; 0.25: a quarter of it, the
             origin carrying the rest).

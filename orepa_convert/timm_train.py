@@ -147,10 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from timm.data import create_dataset, create_loader
-    from timm.utils import random_seed
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
-    from timm.utils import ModelEmaV3
+    from timm.utils import ModelEmaV3, random_seed
     from tqdm import tqdm
 
     device, rank, world = _setup_distributed(args.device)
