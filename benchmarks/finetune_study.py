@@ -128,10 +128,11 @@ def _train_a(task: Task, data: Path, out: Path) -> Path:
 
         from orepa_convert import timm_train
 
-        code = timm_train.main(["--model", task.model, "--data-dir", str(data), "--epochs", str(task.pretrain_epochs),
-                                "--img-size", str(task.imgsz), "--batch-size", str(TIMM_PRETRAIN_BATCH), "--device", "cpu",
-                                "--scale-min", str(TIMM_AUGMENT["scale_min"]), "--hflip", str(TIMM_AUGMENT["hflip"]),
-                                "--lr", repr(task.pretrain_lr), "--seed", "0", "--plain", "--output", str(out / "run")])
+        argv = ["--model", task.model, "--data-dir", str(data), "--epochs", str(task.pretrain_epochs),
+                "--img-size", str(task.imgsz), "--batch-size", str(TIMM_PRETRAIN_BATCH), "--device", "cpu",
+                "--scale-min", str(TIMM_AUGMENT["scale_min"]), "--hflip", str(TIMM_AUGMENT["hflip"]),
+                "--lr", repr(task.pretrain_lr), "--seed", "0", "--plain", "--output", str(out / "run")]
+        code = timm_train.main(argv)
         if code != 0:
             raise SystemExit(f"pretraining {task.name} failed its checks (exit {code})")
         state = torch.load(out / "run" / "folded.pth", map_location="cpu", weights_only=True)

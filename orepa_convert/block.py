@@ -21,8 +21,6 @@ from .config import PAPER_SCALE_INIT, PAPER_SCALE_INIT_1X1, OREPAConfig
 from .errors import OREPALayoutError
 from .spec import PARAMETER_NAMES, BlockSpec, SavedLayout, upgrade_v1_state
 
-#: Version of the block's state_dict layout; stored in every block's extra state.
-
 _PLAIN_CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -223,12 +221,11 @@ class OREPAConv(nn.Module):
             elif branch == "dws":
                 self.weight_dws_dw = random(shapes["weight_dws_dw"], kk)
                 self.weight_dws_pw = random(shapes["weight_dws_pw"], e * ig)
-        num_taps, out_channels = kk, spec.out_channels
         if config.init == "preserve":
             values = [1.0 if b == "origin" else 0.0 for b in spec.branches]
         else:  # "paper", and "scratch" before _match_kernel_norm
-            values = [(PAPER_SCALE_INIT_1X1 if num_taps == 1 else PAPER_SCALE_INIT)[b] for b in spec.branches]
-        scales = torch.tensor(values, dtype=torch.float64).repeat_interleave(out_channels)
+            values = [(PAPER_SCALE_INIT_1X1 if kk == 1 else PAPER_SCALE_INIT)[b] for b in spec.branches]
+        scales = torch.tensor(values, dtype=torch.float64).repeat_interleave(spec.out_channels)
         # one 1-D parameter [n * O]; row j of its [n, O] view scales branch j (see scale())
         self.scales = nn.Parameter(scales.to(device=weight.device, dtype=weight.dtype), weight.requires_grad)
         self._plan = spec.plan()
