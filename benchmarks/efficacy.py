@@ -37,6 +37,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from orepa_convert import convert_to_orepa, fold_orepa  # noqa: E402
+from orepa_convert.compare.stats import VariantSummary, best_lr  # noqa: E402
+from orepa_convert.compare.stats import summarise as paired_summaries  # noqa: E402
 
 VARIANTS = ("plain", "orepa-preserve", "orepa-paper", "orepa-scratch")
 
@@ -188,7 +190,8 @@ def run(model_name: str, variant: str, seed: int, lr: float, data: dict, args: a
 
 
 def select_rates(runs: list[dict]) -> dict[str, dict[str, float]]:
-    """Each (model, variant)'s learning rate: best mean validation accuracy over the selection runs."""
+    """Each (model, variant)'s learning rate: best mean validation accuracy over the selection runs (the
+    comparison harness' rule, :func:`orepa_convert.compare.stats.best_lr`)."""
     chosen: dict[str, dict[str, float]] = {}
     for r in runs:
         chosen.setdefault(r["model"], {}).setdefault(r["variant"], None)
@@ -198,72 +201,100 @@ def select_rates(runs: list[dict]) -> dict[str, dict[str, float]]:
             for r in runs:
                 if r["model"] == model_name and r["variant"] == variant:
                     by_lr.setdefault(r["lr"], []).append(r["val_acc"])
-            variants[variant] = max(by_lr, key=lambda lr: statistics.mean(by_lr[lr]))
+            variants[variant] = best_lr(by_lr)
     return chosen
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def _paired(runs: list[dict], key: str) -> list[VariantSummary]:
+    """The harness' paired-by-seed summaries of one model's ``runs`` on the test metric ``key``."""
+    records = [
+        {**r, "split": "test", "epochs": 0, "value": r[key], "wall_seconds": r["train_seconds"], "peak_memory_mb": None}
+        for r in runs
+        if r[key] is not None
+    ]
+    chosen = {r["variant"]: (r["lr"], 0) for r in sorted(records, key=lambda r: VARIANTS.index(r["variant"]))}
+    return paired_summaries(records, "value", "test", chosen)
 
 
 def summarise(runs: list[dict]) -> list[dict]:
-    """Per model and variant, at its chosen rate: test / INT8 accuracy and the paired-by-seed difference to plain."""
+    """Per model and variant, at its chosen rate: test / INT8 accuracy and the paired-by-seed difference to plain
+    with its 95 % t interval (as ``orepa-convert compare`` reports it)."""
     rows = []
     for model_name in dict.fromkeys(r["model"] for r in runs):
-        base = {r["seed"]: r for r in runs if r["model"] == model_name and r["variant"] == "plain"}
-        for variant in VARIANTS:
-            mine = {r["seed"]: r for r in runs if r["model"] == model_name and r["variant"] == variant}
-            if not mine:
-                continue
-            mean, std = _mean_std([r["test_acc"] for r in mine.values()])
-            int8 = [r["int8_test_acc"] for r in mine.values() if r["int8_test_acc"] is not None]
-            row = {"model": model_name, "variant": variant, "lr": next(iter(mine.values()))["lr"], "n": len(mine),
-                   "mean_acc": mean, "std_acc": std, "mean_int8_acc": statistics.mean(int8) if int8 else None,
-                   "mean_train_seconds": statistics.mean(r["train_seconds"] for r in mine.values())}
-            seeds = sorted(set(mine) & set(base))
-            if variant != "plain" and seeds:
-                diffs = [mine[s]["test_acc"] - base[s]["test_acc"] for s in seeds]
-                d_mean, d_std = _mean_std(diffs)
-                row.update(delta_vs_plain=d_mean, delta_std=d_std, per_seed_delta=diffs,
-                           seeds_better=sum(d > 0 for d in diffs),
-                           paired_t=d_mean / (d_std / math.sqrt(len(diffs))) if d_std > 0 else None)
-                if int8:
-                    row["int8_delta_vs_plain"] = statistics.mean(
-                        mine[s]["int8_test_acc"] - base[s]["int8_test_acc"] for s in seeds)
+        mine = [r for r in runs if r["model"] == model_name]
+        int8 = {s.variant: s for s in _paired(mine, "int8_test_acc")}
+        for s in _paired(mine, "test_acc"):
+            row: dict = {
+                "model": model_name,
+                "variant": s.variant,
+                "lr": s.lr,
+                "n": s.n,
+                "mean_acc": s.mean,
+                "std_acc": s.std,
+                "mean_int8_acc": int8[s.variant].mean if s.variant in int8 else None,
+                "mean_train_seconds": s.mean_seconds,
+            }
+            if s.paired is not None and s.paired.n:
+                row.update(
+                    delta_vs_plain=s.paired.mean,
+                    delta_ci95=s.paired.interval,
+                    per_seed_delta=s.paired.deltas,
+                    seeds_better=s.paired.better,
+                )
+                q = int8.get(s.variant)
+                if q is not None and q.paired is not None and q.paired.n:
+                    row["int8_delta_vs_plain"] = q.paired.mean
             rows.append(row)
     return rows
 
 
 def markdown(summary: list[dict], selection_runs: list[dict], meta: dict) -> str:
-    lines = [f"{meta['date']}, {meta['device']}, torch {meta['torch']}; {meta['epochs']} epochs, batch {meta['batch']}, "
-             f"{meta['n_train']} training images ({meta['n_val']} of them held out for validation), "
-             f"{meta['n_test']} test images; rates {meta['lrs']} swept on seeds {meta['select_seeds']}, "
-             f"reported on seeds {meta['seeds']}.", "",
-             "Learning-rate sweep (validation accuracy, mean over the selection seeds; ✓ = chosen):", "",
-             "| model | variant | " + " | ".join(f"lr {lr:g}" for lr in meta["lrs"]) + " |",
-             "|---|---|" + "---|" * len(meta["lrs"])]
+    lines = [
+        f"{meta['date']}, {meta['device']}, torch {meta['torch']}; {meta['epochs']} epochs, batch {meta['batch']}, "
+        f"{meta['n_train']} training images ({meta['n_val']} of them held out for validation), "
+        f"{meta['n_test']} test images; rates {meta['lrs']} swept on seeds {meta['select_seeds']}, "
+        f"reported on seeds {meta['seeds']}.",
+        "",
+        "Learning-rate sweep (validation accuracy, mean over the selection seeds; ✓ = chosen):",
+        "",
+        "| model | variant | " + " | ".join(f"lr {lr:g}" for lr in meta["lrs"]) + " |",
+        "|---|---|" + "---|" * len(meta["lrs"]),
+    ]
     for model_name, variants in meta["selection"].items():
         for variant, chosen in variants.items():
             cells = []
             for lr in meta["lrs"]:
-                vals = [r["val_acc"] for r in selection_runs
-                        if r["model"] == model_name and r["variant"] == variant and r["lr"] == lr]
+                vals = [
+                    r["val_acc"]
+                    for r in selection_runs
+                    if r["model"] == model_name and r["variant"] == variant and r["lr"] == lr
+                ]
                 mark = " ✓" if lr == chosen else ""
                 cells.append(f"{100 * statistics.mean(vals):.1f}{mark}" if vals else "")
             lines.append(f"| {model_name} | {variant} | " + " | ".join(cells) + " |")
-    lines += ["", "At each variant's chosen rate (test accuracy; Δ and t paired by seed against plain at plain's rate):", "",
-              "| model | variant | lr | test accuracy (mean ± std) | Δ vs plain (± std) | paired t | seeds better | "
-              "INT8 test accuracy | INT8 Δ | train time per run |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "At each variant's chosen rate (test accuracy; Δ paired by seed against plain at plain's rate, with its 95 % "
+        "t interval):",
+        "",
+        "| model | variant | lr | test accuracy (mean ± std) | Δ vs plain | 95 % interval | seeds better | "
+        "INT8 test accuracy | INT8 Δ | train time per run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in summary:
         plain = r["variant"] == "plain"
-        delta = "" if plain else f"{100 * r['delta_vs_plain']:+.2f} ± {100 * r['delta_std']:.2f} pt"
-        t = "" if plain or r.get("paired_t") is None else f"{r['paired_t']:+.2f}"
+        delta = "" if plain else f"{100 * r['delta_vs_plain']:+.2f} pt"
+        ci = r.get("delta_ci95")
+        t = "" if plain or ci is None else f"{100 * ci[0]:+.2f} to {100 * ci[1]:+.2f} pt"
         better = "" if plain else f"{r['seeds_better']}/{r['n']}"
         int8 = "" if r["mean_int8_acc"] is None else f"{100 * r['mean_int8_acc']:.2f} %"
-        int8_delta = "" if plain or r.get("int8_delta_vs_plain") is None else f"{100 * r['int8_delta_vs_plain']:+.2f} pt"
-        lines.append(f"| {r['model']} | {r['variant']} | {r['lr']:g} | {100 * r['mean_acc']:.2f} ± {100 * r['std_acc']:.2f} % | "
-                     f"{delta} | {t} | {better} | {int8} | {int8_delta} | {r['mean_train_seconds']:.1f} s |")
+        int8_delta = (
+            "" if plain or r.get("int8_delta_vs_plain") is None else f"{100 * r['int8_delta_vs_plain']:+.2f} pt"
+        )
+        lines.append(
+            f"| {r['model']} | {r['variant']} | {r['lr']:g} | {100 * r['mean_acc']:.2f} ± {100 * r['std_acc']:.2f} % | "
+            f"{delta} | {t} | {better} | {int8} | {int8_delta} | {r['mean_train_seconds']:.1f} s |"
+        )
     return "\n".join(lines) + "\n"
 
 

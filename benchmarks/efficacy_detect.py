@@ -3,7 +3,7 @@ learning rate (selected on the validation split), paired seeds, reported on a he
 
     python benchmarks/efficacy_detect.py --json docs/results/efficacy_detect.json
 
-Data: :func:`orepa_convert.synthetic.make_detection_benchmark` (four shape classes whose colour is random, 1-5
+Data: :func:`orepa_convert.data.synthetic.make_detection_benchmark` (four shape classes whose colour is random, 1-5
 objects per image at 12-50 % of the image, overlaps, clutter) with a test split. Every run is
 ``orepa-convert compare``'s (its own process, resumable: rerun the same command to continue).
 """
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from orepa_convert.compare import CompareSettings, run_all
-    from orepa_convert.synthetic import make_detection_benchmark
+    from orepa_convert.data.synthetic import make_detection_benchmark
 
     project = args.project.resolve()
     data_dir = project / "data"

@@ -5,10 +5,10 @@ on a different generated task B, plain vs OREPA ``preserve`` and ``preserve_live
     python benchmarks/efficacy_finetune.py --json docs/results/efficacy_finetune.json
 
 1. Pretraining (once; reproducible from ``--pretrain-seed``): plain yolov8n from its YAML on
-   :func:`orepa_convert.synthetic.make_detection_benchmark` (task A: rectangles, ellipses, triangles, crosses in
+   :func:`orepa_convert.data.synthetic.make_detection_benchmark` (task A: rectangles, ellipses, triangles, crosses in
    random colours on noisy tinted backgrounds), saved as ``PROJECT/pretrained_A.pt`` (a stock checkpoint).
 2. Fine-tuning: ``orepa-convert compare pretrained_A.pt --data B.yaml`` on
-   :func:`orepa_convert.synthetic.make_finetune_target` (task B: rings, diamonds, stars, hexagons, bars in pastel
+   :func:`orepa_convert.data.synthetic.make_finetune_target` (task B: rings, diamonds, stars, hexagons, bars in pastel
    or dark palettes on striped gradients). Every variant of a seed starts from the same pretrained weights.
 Resumable: rerun the same command to continue.
 """
@@ -35,7 +35,7 @@ def pretrain(project: Path, args: argparse.Namespace) -> Path:
     import torch
     from ultralytics import YOLO
 
-    from orepa_convert.synthetic import make_detection_benchmark
+    from orepa_convert.data.synthetic import make_detection_benchmark
 
     data = make_detection_benchmark(project / "data_A", args.pretrain_n_train, args.pretrain_n_val, args.imgsz)
     torch.manual_seed(args.pretrain_seed)
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from orepa_convert.compare import CompareSettings, run_all
-    from orepa_convert.synthetic import make_finetune_target
+    from orepa_convert.data.synthetic import make_finetune_target
 
     project = args.project.resolve()
     project.mkdir(parents=True, exist_ok=True)

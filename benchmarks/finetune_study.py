@@ -9,7 +9,7 @@ wall time (``--budget time``); then the tasks are pooled (``orepa-convert compar
 Tasks (:data:`TASKS`): digits and shapes, each as detection (yolov8n from its YAML, ultralytics) and as
 classification (timm resnet18); digits are scikit-learn's bundled handwriting scans (real data), shapes are
 generated. Everything is rebuilt from fixed seeds by this script: datasets by :mod:`benchmarks.finetune_tasks`
-and :mod:`orepa_convert.synthetic`, pretrained checkpoints by a deterministic plain training on A
+and :mod:`orepa_convert.data.synthetic`, pretrained checkpoints by a deterministic plain training on A
 (``pretrain.json`` records a hash of the checkpoint's tensors; ``--verify-pretrain`` trains A again in a
 scratch folder and compares). Resumable: every study is a ``compare.json``; rerun the same command to go on.
 """
@@ -68,7 +68,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          lambda d: ft.make_digits_detection(d, ft.FINETUNE_DIGITS, n_train=160, n_val=80, n_test=80, seed=1),
          "yolov8n.yaml", 64, 30, 0.02, 10, (0.005, 0.02)),
     Task("shapes_det", "ultralytics", False,
-         "generated: A orepa_convert.synthetic.make_detection_benchmark (seed 0), B make_finetune_target (seed 1)",
+         "generated: A orepa_convert.data.synthetic.make_detection_benchmark (seed 0), B make_finetune_target (seed 1)",
          lambda d: _synthetic("make_detection_benchmark", d, n_train=480, n_val=80, seed=0),
          lambda d: _synthetic("make_finetune_target", d, n_train=160, n_val=80, n_test=80, seed=1),
          "yolov8n.yaml", 64, 30, 0.02, 10, (0.005, 0.02)),
@@ -77,7 +77,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          lambda d: ft.make_digits_classification(d, ft.FINETUNE_DIGITS, n_train=300, n_val=100, n_test=100, seed=1),
          "resnet18", 32, 40, 0.05, 12, (0.01, 0.04)),
     Task("shapes_cls", "timm", False,
-         "generated: crops of orepa_convert.synthetic scenes; A: task A's 4 shapes (seed 0), B: task B's 5 shapes "
+         "generated: crops of orepa_convert.data.synthetic scenes; A: task A's 4 shapes (seed 0), B: task B's 5 shapes "
          "(seed 1) (benchmarks/finetune_tasks.make_shapes_classification)",
          lambda d: ft.make_shapes_classification(d, "shapes", n_train=600, n_val=100, n_test=0, seed=0),
          lambda d: ft.make_shapes_classification(d, "targets", n_train=300, n_val=100, n_test=100, seed=1),
@@ -92,7 +92,7 @@ YOLO_BATCH = 16
 
 
 def _synthetic(name: str, root: Path, **kw: Any) -> Path:
-    from orepa_convert import synthetic
+    from orepa_convert.data import synthetic
 
     return getattr(synthetic, name)(root, **kw)
 
@@ -126,15 +126,24 @@ def _train_a(task: Task, data: Path, out: Path) -> Path:
     if task.backend == "timm":
         import timm
 
-        from orepa_convert import timm_train
+        from orepa_convert.integrations.timm_recipe import TimmRecipe, train_timm
 
-        argv = ["--model", task.model, "--data-dir", str(data), "--epochs", str(task.pretrain_epochs),
-                "--img-size", str(task.imgsz), "--batch-size", str(TIMM_PRETRAIN_BATCH), "--device", "cpu",
-                "--scale-min", str(TIMM_AUGMENT["scale_min"]), "--hflip", str(TIMM_AUGMENT["hflip"]),
-                "--lr", repr(task.pretrain_lr), "--seed", "0", "--plain", "--output", str(out / "run")]
-        code = timm_train.main(argv)
-        if code != 0:
-            raise SystemExit(f"pretraining {task.name} failed its checks (exit {code})")
+        recipe = TimmRecipe(
+            model=task.model,
+            data_dir=str(data),
+            epochs=task.pretrain_epochs,
+            img_size=task.imgsz,
+            batch_size=TIMM_PRETRAIN_BATCH,
+            device="cpu",
+            scale_min=TIMM_AUGMENT["scale_min"],
+            hflip=TIMM_AUGMENT["hflip"],
+            lr=task.pretrain_lr,
+            seed=0,
+            plain=True,
+            output=str(out / "run"),
+        )
+        if not train_timm(recipe)["checks_passed"]:
+            raise SystemExit(f"pretraining {task.name} failed its checks")
         state = torch.load(out / "run" / "folded.pth", map_location="cpu", weights_only=True)
         head = timm.create_model(task.model, pretrained=False).pretrained_cfg["classifier"]
         state = {k: v for k, v in state.items() if not k.startswith(head + ".")}  # B has its own classes

@@ -130,10 +130,10 @@ def make_digits_classification(root: str | Path, digits: Sequence[int], n_train:
 def make_shapes_classification(root: str | Path, family: str, n_train: int = 300, n_val: int = 100,
                                n_test: int = 100, imgsz: int = 32, seed: int = 0) -> Path:
     """Write an ImageFolder (``train/ val/ test/<class>/*.png``) of generated shapes: each image is the first
-    object of a :mod:`orepa_convert.synthetic` detection scene (``family`` "shapes": task A's rectangles,
+    object of a :mod:`orepa_convert.data.synthetic` detection scene (``family`` "shapes": task A's rectangles,
     ellipses, triangles, crosses; "targets": task B's rings, diamonds, stars, hexagons, bars), cropped with a
     margin of its own background and resized to ``imgsz``. Other objects may overlap the crop, as in real crops."""
-    from orepa_convert import synthetic
+    from orepa_convert.data import synthetic
 
     draw, names = {"shapes": (synthetic._draw_shapes_image, synthetic.SHAPES),
                    "targets": (synthetic._draw_target_image, synthetic.TARGET_SHAPES)}[family]

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks.common import proxy_loss  # noqa: E402
 from orepa_convert import BRANCHES, OREPAConfig, OREPAConv, convert_to_orepa  # noqa: E402
-from orepa_convert.models import build_model  # noqa: E402
+from orepa_convert.cli.model_specs import build_model  # noqa: E402
 
 #: Ops that only allocate or alias memory (views are recognised by their schema).
 _NOT_COMPUTE = frozenset({"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "detach",

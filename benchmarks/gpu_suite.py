@@ -97,7 +97,7 @@ def _models(spec: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The plain model and its conversion (branch scales randomised), on the CPU."""
     from benchmarks.latency import randomise_scales
     from orepa_convert import convert_to_orepa
-    from orepa_convert.models import build_model
+    from orepa_convert.cli.model_specs import build_model
 
     torch.manual_seed(0)
     plain = build_model(spec)

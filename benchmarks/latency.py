@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from benchmarks.common import cpu_name, median_ms, peak_rss_mb, run_worker, tensors, train_step_fn  # noqa: E402
 from benchmarks.offline_block import to_offline  # noqa: E402
 from orepa_convert import OREPAConv, convert_to_orepa, fold_orepa  # noqa: E402
-from orepa_convert.models import build_model  # noqa: E402
+from orepa_convert.cli.model_specs import build_model  # noqa: E402
 
 DEFAULT_MODELS = "yolov8n,yolov8s,yolov8m,yolo11n,resnet18,resnet50,efficientnet_b0,mobilenetv3_large_100"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orepa_convert import OREPAConfig, inspect_model, kernels
+from orepa_convert import OREPAConfig, inspect_model
+from orepa_convert.block import generation
 
 
 class OfflineBranches(nn.Module):
@@ -25,7 +26,7 @@ class OfflineBranches(nn.Module):
         t, e = config.branch_width(i, g), config.dws_expansion
         self.pad = conv._reversed_padding_repeated_twice if isinstance(conv.padding, tuple) else None
         self.mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-        self.centre = kernels.centre_tap(k)
+        self.centre = generation.centre_tap(k)
         self.k, self.s, self.d = k, s, d
 
         def conv_bn(cin, cout, ks, stride=1, dilation=1, groups=1):
@@ -34,7 +35,7 @@ class OfflineBranches(nn.Module):
         self.origin = conv_bn(i, o, k, s, d, g)
         self.avg = nn.Sequential(nn.Conv2d(i, o, 1, groups=g, bias=False), nn.BatchNorm2d(o))
         self.prior_1x1 = nn.Conv2d(i, o, 1, groups=g, bias=False)
-        self.register_buffer("prior_filter", kernels.dct_prior_filters(o, k, torch.float32).unsqueeze(1))
+        self.register_buffer("prior_filter", generation.dct_prior_filters(o, k, torch.float32).unsqueeze(1))
         self.prior_bn = nn.BatchNorm2d(o)
         self.pw_kxk = nn.Sequential(nn.Conv2d(i, t, 1, groups=g, bias=False), nn.BatchNorm2d(t), *conv_bn(t, o, k, s, d, g))
         self.pw = conv_bn(i, o, 1, s, 1, g)

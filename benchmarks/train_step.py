@@ -48,7 +48,7 @@ def worker(
     import torch
 
     from orepa_convert import convert_to_orepa
-    from orepa_convert.models import build_model
+    from orepa_convert.cli.model_specs import build_model
 
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # see benchmarks/latency.py: same setting for every variant
@@ -81,7 +81,7 @@ def convert_fold_time(spec: str) -> dict:
     import torch
 
     from orepa_convert import convert_to_orepa, fold_orepa
-    from orepa_convert.models import build_model
+    from orepa_convert.cli.model_specs import build_model
 
     model = build_model(spec)
     t0 = time.perf_counter()

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .block import OREPAConv, _autocast_off, generate_kernels, generation_ahead_allowed, generation_dtype
+from .block import OREPAConv
+from .block.runtime import autocast_off, generate_kernels, generation_ahead_allowed, generation_dtype
 
 
 def distributed_run() -> bool:
@@ -45,7 +46,7 @@ def generate_all(root: nn.Module) -> None:
             scales = module.scales
             groups.setdefault((module._plan, scales.dtype, scales.device), []).append(module)
     for (plan, dtype, device), blocks in groups.items():
-        with _autocast_off(device):
+        with autocast_off(device):
             kernels = generate_kernels(plan, blocks, generation_dtype(dtype))
         for block, kernel in zip(blocks, kernels):
             block.__dict__["_ahead"] = (block._cache_key(), kernel if kernel.dtype == dtype else kernel.to(dtype))

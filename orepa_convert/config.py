@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from torch import nn
 
 if TYPE_CHECKING:
-    from .spec import BlockSpec
+    from .block.spec import BlockSpec
 
 #: The six linear branches of an OREPA block, in canonical order (also the order of a block's scale rows).
 BRANCHES: tuple[str, ...] = ("origin", "avg", "prior", "pw", "pw_kxk", "dws")
@@ -189,8 +189,8 @@ class OREPAConfig:
         )
 
     def spec_for(self, conv: nn.Module) -> BlockSpec:
-        """The :class:`~orepa_convert.spec.BlockSpec` of the block this config builds around ``conv``."""
-        from .spec import BlockSpec
+        """The :class:`~orepa_convert.block.BlockSpec` of the block this config builds around ``conv``."""
+        from .block.spec import BlockSpec
 
         return BlockSpec.for_conv(conv, self)
 

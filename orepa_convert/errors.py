@@ -23,3 +23,7 @@ class CompareError(OREPAError, ValueError):
 
 class CompareRunError(OREPAError, RuntimeError):
     """One run of a comparison failed; the message names its log."""
+
+
+class RecipeError(OREPAError, ValueError):
+    """Options of a training recipe that cannot run (e.g. a batch larger than the dataset)."""

@@ -9,8 +9,8 @@ from typing import Any, Literal, overload
 import torch
 from torch import nn
 
-from . import ahead, kernels
-from .block import OREPAConv
+from . import ahead
+from .block import OREPAConv, generation
 from .integrations import notify
 from .patterns import ConvMatch, match_convs
 from .report import FoldRecord, FoldReport
@@ -44,7 +44,7 @@ def _bn_fuse_problem(match: ConvMatch, bn_uses: dict[int, int]) -> str | None:
 
 @torch.no_grad()
 def _fuse_bn(conv: Any, bn: Any) -> None:  # a conv with its weight, and the batch norm it feeds
-    weight, bias = kernels.fold_batchnorm(
+    weight, bias = generation.fold_batchnorm(
         conv.weight,
         conv.bias,
         bn.running_mean,

@@ -332,7 +332,7 @@ def state_from_layout(
     """Rebuild the record of a converted model's ``state_dict`` from its blocks' saved layouts (branches and
     widths), for files that carry no record. ``model`` is the plain architecture (for channel counts); ``seed``
     and ``init`` only affect random initial values, which loading the state_dict overwrites."""
-    from .spec import SavedLayout, config_from_layout
+    from .block.spec import SavedLayout, config_from_layout
 
     root = unwrap_model(model)
     groups: dict[OREPAConfig, list[str]] = {}

@@ -25,7 +25,7 @@ import torch
 
 from orepa_convert import OREPAConv, convert_to_orepa, fold_orepa
 from orepa_convert.config import INITS
-from orepa_convert.synthetic import make_dataset
+from orepa_convert.data.synthetic import make_dataset
 
 
 def _first_output(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

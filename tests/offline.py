@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from orepa_convert import kernels
+from orepa_convert.block import generation
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _AVG = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
@@ -50,7 +50,7 @@ def branch_outputs(block, xp: Tensor) -> dict[str, Tensor]:
         if b == "origin":
             out[b] = conv(xp, p["weight_origin"], stride=s, dilation=d, groups=g)
         elif b == "avg":
-            filt = kernels.tap_filter("avg", c.out_channels, K, xp.dtype)
+            filt = generation.tap_filter("avg", c.out_channels, K, xp.dtype)
             out[b] = _tap_branch(xp, block.branch_weight("avg"), filt, s, d, g)
             if all(di == 1 for di in d):  # with no dilation it is literally average pooling
                 w = block.branch_weight("avg")
@@ -58,11 +58,11 @@ def branch_outputs(block, xp: Tensor) -> dict[str, Tensor]:
                 pooled = _AVG[nd](y, K, stride=s)
                 assert rel_err(pooled, out[b]) < 1e-12
         elif b == "prior":
-            filt = kernels.tap_filter("prior", c.out_channels, K, xp.dtype)
+            filt = generation.tap_filter("prior", c.out_channels, K, xp.dtype)
             out[b] = _tap_branch(xp, block.branch_weight("prior"), filt, s, d, g)
         elif b == "pw":
             # a 1x1 conv on the padded input offset by the centre tap, sampled with the stride
-            centre = kernels.centre_tap(K)
+            centre = generation.centre_tap(K)
             idx = [slice(None), slice(None)]
             for axis in range(nd):
                 n_out = (xp.shape[2 + axis] - d[axis] * (K[axis] - 1) - 1) // s[axis] + 1
@@ -71,12 +71,12 @@ def branch_outputs(block, xp: Tensor) -> dict[str, Tensor]:
             w = block.branch_weight("pw")
             out[b] = conv(xp[tuple(idx)], w.reshape(*w.shape, *([1] * nd)), groups=g)
         elif b == "pw_kxk":
-            first = kernels.stacked_identity(block.pw_kxk_width, c.in_channels, g, xp.dtype) + p["weight_pw_kxk_in"]
+            first = generation.stacked_identity(block.pw_kxk_width, c.in_channels, g, xp.dtype) + p["weight_pw_kxk_in"]
             y = conv(xp, first.reshape(*first.shape, *([1] * nd)), groups=g)
-            out[b] = conv(y, kernels.natural_pw_kxk(p["weight_pw_kxk"]), stride=s, dilation=d, groups=g)
+            out[b] = conv(y, generation.natural_pw_kxk(p["weight_pw_kxk"]), stride=s, dilation=d, groups=g)
         elif b == "dws":
             y = conv(xp, p["weight_dws_dw"], stride=s, dilation=d, groups=c.in_channels)
-            w = kernels.natural_dws_pointwise(p["weight_dws_pw"], g)
+            w = generation.natural_dws_pointwise(p["weight_dws_pw"], g)
             out[b] = conv(y, w.reshape(*w.shape, *([1] * nd)), groups=g)
     return out
 

@@ -1,5 +1,5 @@
 """Test oracles: the OREPA kernel written branch by branch in dense conv layouts, to check the library's fused
-generation (:mod:`orepa_convert.kernels`) against; and the single-block form of the stacked generation."""
+generation (:mod:`orepa_convert.block.generation`) against; and the single-block form of the stacked generation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from orepa_convert import kernels
+from orepa_convert.block import generation
 
 
 def expand_1x1(weight: Tensor, filters: Tensor) -> Tensor:
@@ -94,7 +94,7 @@ def generate_kernel(
 
 
 def generate_kernel_fused(
-    plan: kernels.GenerationPlan,
+    plan: generation.GenerationPlan,
     scales: Tensor,
     origin: Tensor | None,
     taps: Tensor | None,
@@ -110,4 +110,4 @@ def generate_kernel_fused(
     named = {"scales": scales, "origin": origin, "taps": taps, "pw_in": pw_in, "pw": pw, "dws_dw": dws_dw,
              "dws_pw": dws_pw}  # fmt: skip
     present = [cast(Tensor, named[k]) for k in plan.kinds]  # plan.kinds names the branches the block has
-    return kernels.generate_kernels_stacked(plan, [present], filters, identity, scales.dtype)[0]
+    return generation.generate_kernels_stacked(plan, [present], filters, identity, scales.dtype)[0]

@@ -52,6 +52,11 @@ def test_efficacy_sweep_selects_on_validation_and_reports_int8(tmp_path):
         swept = {r["lr"]: r["val_acc"] for r in data["selection_runs"] if r["variant"] == variant}
         assert swept[lr] == max(swept.values())
     assert all(r["test_acc"] == r["test_acc_folded"] and 0 <= r["int8_test_acc"] <= 1 for r in runs)
+    by = {(r["variant"], r["seed"]): r["test_acc"] for r in runs}
+    row = next(r for r in data["summary"] if r["variant"] == "orepa-scratch")  # the harness' pairing
+    deltas = [by["orepa-scratch", s] - by["plain", s] for s in (0, 1)]
+    assert row["per_seed_delta"] == deltas and row["delta_vs_plain"] == sum(deltas) / 2
+    assert row["delta_ci95"][0] <= row["delta_vs_plain"] <= row["delta_ci95"][1]
     stats = data["init_statistics"]["small-resnet"]
     assert set(stats) == {"plain", "orepa-scratch"} and abs(stats["plain"]["norm_ratio"] - 1) < 1e-6
     assert abs(stats["orepa-scratch"]["norm_ratio"] - 1) < 1e-4  # scratch matches the default-init norms

@@ -391,3 +391,10 @@ def test_block_fields_come_from_its_spec_and_eval_cache_stays_settable():
     assert (block.branches, block.pw_kxk_width, block.dws_expansion) == (spec.branches, 8, 2)
     block.eval_cache = False  # a switch benchmarks flip on live blocks
     assert block.spec.eval_cache is False and block.block_config().eval_cache is False
+
+
+def test_every_init_has_one_initialiser():
+    from orepa_convert.block.inits import INITIALISERS
+    from orepa_convert.config import INITS
+
+    assert tuple(INITIALISERS) == INITS

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -59,7 +61,7 @@ def _check_outputs(project, settings_seeds, metric):
 
 @pytest.fixture(scope="module")
 def detect_data(tmp_path_factory):
-    from orepa_convert.synthetic import make_detection_benchmark
+    from orepa_convert.data.synthetic import make_detection_benchmark
 
     return make_detection_benchmark(tmp_path_factory.mktemp("cmp"), n_train=8, n_val=4, imgsz=64, n_test=4)
 
@@ -95,7 +97,7 @@ def test_ultralytics_compare_writes_everything_and_resumes(detect_data, tmp_path
 
 def test_timm_compare_on_an_image_folder_without_test_split(tmp_path, capsys):
     pytest.importorskip("timm")
-    from orepa_convert.synthetic import make_dataset
+    from orepa_convert.data.synthetic import make_dataset
 
     folder = make_dataset(tmp_path / "imgs", "classify", n_train=8, n_val=4, imgsz=32)
     project = tmp_path / "cmp"
@@ -235,26 +237,65 @@ def test_bad_variant_specs_are_one_line_compare_errors(text, message):
 
 
 def test_variant_options_reach_both_backends():
-    from orepa_convert.compare.runners import timm_recipe_args
+    from orepa_convert.compare.runners import timm_recipe
 
-    argv = timm_recipe_args(
+    recipe = timm_recipe(
         {"model": "resnet18", "data": "d", "imgsz": 32, "train_args": {"hflip": 0.0, "amp": False, "batch": 8}},
         {"epochs": 2, "seed": 1, "variant": "preserve_live:live_scale=0.25", "lr": 0.01},
-        "out",
+        Path("out"),
     )
-    assert argv[argv.index("--init") + 1] == "preserve_live"
-    assert argv[argv.index("--orepa-option") + 1] == "live_scale=0.25"
-    assert argv[argv.index("--hflip") + 1] == "0.0" and "--amp" not in argv  # 0.0 is a value, False is "off"
+    assert recipe.init == "preserve_live" and recipe.orepa_options == {"live_scale": 0.25} and not recipe.plain
+    assert recipe.hflip == 0.0 and recipe.amp is False  # 0.0 is a value, False is "off"
+    assert (recipe.batch_size, recipe.img_size, recipe.lr, recipe.epochs, recipe.seed) == (8, 32, 0.01, 2, 1)
     pytest.importorskip("timm")
-    import argparse
+    from orepa_convert import OREPAConv
+    from orepa_convert.integrations.timm_recipe import TimmRecipe, build
 
-    from orepa_convert import OREPAConv, timm_train
-
-    args = argparse.Namespace(model="resnet10t", seed=1, pretrained_checkpoint=None, plain=False,
-                              init="preserve_live", orepa_option=["live_scale=0.25"])
-    model, count = timm_train.build(args, num_classes=3)
+    recipe = TimmRecipe(
+        data_dir="d", model="resnet10t", seed=1, init="preserve_live", orepa_options={"live_scale": 0.25}
+    )
+    model, count = build(recipe, num_classes=3)
     blocks = [m for m in model.modules() if isinstance(m, OREPAConv)]
     assert count == len(blocks) > 0 and {b.block_config().live_scale for b in blocks} == {0.25}
+
+
+@pytest.mark.parametrize(
+    ("train_args", "message"),
+    [
+        ({"epoch": 3}, "the timm recipe has no option 'epoch'; its options: amp, batch_size"),
+        ({"lr": "fast"}, "timm recipe option lr='fast': expected float"),
+        ({"batch": 0}, "batch_size must be at least 1, got 0"),
+    ],
+)
+def test_bad_timm_train_args_are_one_line_compare_errors(train_args, message):
+    from orepa_convert.compare.runners import timm_recipe
+
+    settings = {"model": "resnet18", "data": "d", "imgsz": None, "train_args": train_args}
+    job = {"epochs": 1, "seed": 0, "variant": "preserve", "lr": None}
+    with pytest.raises(CompareError, match=re.escape(message)):
+        timm_recipe(settings, job, Path("out"))
+
+
+def test_timm_recipe_options_fail_before_any_data_is_read():
+    from orepa_convert.errors import RecipeError
+    from orepa_convert.integrations.timm_recipe import TimmRecipe
+
+    with pytest.raises(RecipeError, match="orepa_options="):
+        TimmRecipe(data_dir="missing", orepa_options={"live_scales": 0.25})
+    with pytest.raises(ValueError, match="applies to init='preserve_live' only"):
+        TimmRecipe(data_dir="missing", orepa_options={"live_scale": 0.25})
+
+
+def test_the_old_timm_train_path_still_runs_and_says_where_it_went():
+    import importlib
+    import sys
+
+    sys.modules.pop("orepa_convert.timm_train", None)
+    with pytest.warns(FutureWarning, match="moved to orepa_convert.integrations.timm_recipe"):
+        old = importlib.import_module("orepa_convert.timm_train")
+    from orepa_convert.integrations import timm_recipe
+
+    assert old.main is timm_recipe.main and old.train_timm is timm_recipe.train_timm
 
 
 def test_timm_recipe_runs_are_reproducible_from_their_seed(tmp_path):
@@ -263,15 +304,15 @@ def test_timm_recipe_runs_are_reproducible_from_their_seed(tmp_path):
     pytest.importorskip("timm")
     import torch
 
-    from orepa_convert import timm_train
-    from orepa_convert.synthetic import make_dataset
+    from orepa_convert.data.synthetic import make_dataset
+    from orepa_convert.integrations.timm_recipe import main
 
     folder = make_dataset(tmp_path / "imgs", "classify", n_train=8, n_val=4, imgsz=32)
     states = []
     for run in ("a", "b"):
         argv = ["--model", "resnet10t", "--data-dir", str(folder), "--epochs", "1", "--img-size", "32",
                 "--batch-size", "4", "--device", "cpu", "--plain", "--seed", "3", "--output", str(tmp_path / run)]
-        assert timm_train.main(argv) == 0
+        assert main(argv) == 0
         states.append(torch.load(tmp_path / run / "folded.pth", weights_only=True))
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -14,7 +14,7 @@ from models import Variety, randomise_bn
 from offline import rel_err
 from orepa_convert import OREPAConfig, OREPAConv, ahead, convert_to_orepa
 from orepa_convert.block import generation_dtype
-from orepa_convert.models import build_model
+from orepa_convert.cli.model_specs import build_model
 
 from benchmarks.generation import OpCounter, count_generation_ops
 

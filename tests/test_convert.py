@@ -14,7 +14,7 @@ from torch import nn
 from models import DataDependent, OneAndThreeD, SharedConv, TwoConsumers, Variety, randomise_bn, tensors
 from offline import rel_err
 from orepa_convert import OREPAConfig, OREPAConv, convert_to_orepa, fold_orepa, inspect_model
-from orepa_convert.models import build_model
+from orepa_convert.cli.model_specs import build_model
 
 ZOO = [
     # spec, expected eligible (= converted) k x k conv -> BN pairs

@@ -153,7 +153,7 @@ def test_ultralytics_amp_and_compile_training_folds_to_the_trained_model(tmp_pat
     from ultralytics import YOLO
     from ultralytics.utils import DEFAULT_CFG_DICT
 
-    from orepa_convert.synthetic import make_dataset
+    from orepa_convert.data.synthetic import make_dataset
 
     data = make_dataset(tmp_path / "data", "detect", n_train=8, n_val=4)
     model = YOLO("yolov8n.yaml")

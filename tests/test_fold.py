@@ -9,7 +9,7 @@ from torch import nn
 from models import SharedConv, Variety, randomise_bn, tensors
 from offline import rel_err
 from orepa_convert import OREPAConv, convert_to_orepa, fold_orepa
-from orepa_convert.models import build_model
+from orepa_convert.cli.model_specs import build_model
 
 
 def _train_a_little(model, x):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from orepa_convert import BRANCHES, OREPAConfig, OREPAConv, kernels
-from orepa_convert.spec import BlockSpec
+from orepa_convert import BRANCHES, OREPAConfig, OREPAConv
+from orepa_convert.block import BlockSpec, generation
 import oracles
 from offline import branch_outputs, pad_like_conv, rel_err
 from strategies import conv_configs
@@ -25,12 +25,12 @@ def _branch_kernel(block: OREPAConv, branch: str) -> torch.Tensor:
     if branch == "origin":
         return p["weight_origin"]
     if branch in ("avg", "prior", "pw"):
-        return oracles.expand_1x1(block.branch_weight(branch), kernels.tap_filter(branch, c.out_channels, K))
+        return oracles.expand_1x1(block.branch_weight(branch), generation.tap_filter(branch, c.out_channels, K))
     if branch == "pw_kxk":
-        first = kernels.stacked_identity(block.pw_kxk_width, c.in_channels, c.groups) + p["weight_pw_kxk_in"]
-        return oracles.compose_1x1_kxk(first, kernels.natural_pw_kxk(p["weight_pw_kxk"]), c.groups)
+        first = generation.stacked_identity(block.pw_kxk_width, c.in_channels, c.groups) + p["weight_pw_kxk_in"]
+        return oracles.compose_1x1_kxk(first, generation.natural_pw_kxk(p["weight_pw_kxk"]), c.groups)
     if branch == "dws":
-        pointwise = kernels.natural_dws_pointwise(p["weight_dws_pw"], c.groups)
+        pointwise = generation.natural_dws_pointwise(p["weight_dws_pw"], c.groups)
         return oracles.depthwise_pointwise_to_dense(p["weight_dws_dw"], pointwise, c.groups, block.dws_expansion)
     raise AssertionError(branch)
 
@@ -55,7 +55,7 @@ def test_each_branch_kernel_matches_its_feature_map_form(cfg):
 @pytest.mark.parametrize("kernel_size", [(3, 3), (1, 3), (5, 5), (7, 7), (2, 2), (4,), (3, 3, 3), (1, 1, 2)])
 def test_prior_filters_defined_bounded_nonzero(kernel_size):
     out = 37
-    f = kernels.dct_prior_filters(out, kernel_size)
+    f = generation.dct_prior_filters(out, kernel_size)
     assert f.shape == (out, *kernel_size)
     assert torch.isfinite(f).all() and f.abs().max() <= 1.0
     assert (f.flatten(1).abs().amax(1) > 1e-6).all(), "a prior filter is all zero"
@@ -64,7 +64,7 @@ def test_prior_filters_defined_bounded_nonzero(kernel_size):
 
 
 def test_prior_filters_match_dct_ii_formula():
-    f = kernels.dct_prior_filters(4, (3, 3))
+    f = generation.dct_prior_filters(4, (3, 3))
     # first half along height, frequencies 1, 2; second half along width, frequencies 1, 2
     n = torch.arange(3, dtype=torch.float64) + 0.5
     for o, (axis, u) in enumerate([(0, 1), (0, 2), (1, 1), (1, 2)]):
@@ -74,15 +74,15 @@ def test_prior_filters_match_dct_ii_formula():
 
 
 def test_centre_tap_even_and_odd():
-    assert kernels.centre_tap((3, 3)) == (1, 1)
-    assert kernels.centre_tap((2, 4)) == (0, 1)
-    assert kernels.centre_tap((5,)) == (2,)
+    assert generation.centre_tap((3, 3)) == (1, 1)
+    assert generation.centre_tap((2, 4)) == (0, 1)
+    assert generation.centre_tap((5,)) == (2,)
 
 
 def test_stacked_identity():
-    t = kernels.stacked_identity(8, 4, 2)  # 2 groups, 4 rows per group, 2 inputs per group
+    t = generation.stacked_identity(8, 4, 2)  # 2 groups, 4 rows per group, 2 inputs per group
     assert t.tolist() == [[1, 0], [0, 1], [1, 0], [0, 1]] * 2
-    assert torch.equal(kernels.stacked_identity(6, 6, 1), torch.eye(6, dtype=torch.float64))
+    assert torch.equal(generation.stacked_identity(6, 6, 1), torch.eye(6, dtype=torch.float64))
 
 
 def test_fold_batchnorm_matches_module():
@@ -94,7 +94,7 @@ def test_fold_batchnorm_matches_module():
         bn.running_var.uniform_(0.5, 2)
         bn.weight.normal_()
         bn.bias.normal_()
-    w, b = kernels.fold_batchnorm(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    w, b = generation.fold_batchnorm(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
     x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
     assert rel_err(torch.nn.functional.conv2d(x, w, b, padding=1), bn(conv(x))) <= 1e-12
 
@@ -103,7 +103,7 @@ def test_shape_errors_are_clear():
     with pytest.raises(ValueError, match="depthwise-separable"):
         oracles.depthwise_pointwise_to_dense(torch.zeros(8, 1, 3, 3), torch.zeros(4, 6), 1, 8)
     with pytest.raises(ValueError, match="more than one tap"):
-        kernels.dct_prior_filters(4, (1, 1))
+        generation.dct_prior_filters(4, (1, 1))
 
 
 @pytest.mark.parametrize(
@@ -120,8 +120,8 @@ def test_fused_generation_gradients_match_autograd(out_ch, in_ch, groups, kernel
 
     taps = math.prod(kernel_size)
     filters = torch.randn(out_ch, 3, taps, generator=g, dtype=torch.float64)
-    identity = kernels.stacked_identity(width, in_ch, groups)
-    plan = kernels.generation_plan((out_ch, ig, *kernel_size), groups, BRANCHES, expansion, width)
+    identity = generation.stacked_identity(width, in_ch, groups)
+    plan = generation.generation_plan((out_ch, ig, *kernel_size), groups, BRANCHES, expansion, width)
     flat = [r(6 * out_ch), r(out_ch, ig, *kernel_size), r(out_ch, 3, ig)]  # scales, origin, avg/prior/pw
     flat += [r(width, ig), r(out_ch, *kernel_size, width // groups)]  # pw_kxk (storage layout)
     flat += [r(expansion * in_ch, 1, *kernel_size), r(in_ch, expansion, out_ch // groups)]  # dws
@@ -134,8 +134,8 @@ def test_fused_generation_gradients_match_autograd(out_ch, in_ch, groups, kernel
         return oracles.generate_kernel(
             kernel_size, groups, origin=(v[0], t[1]),
             taps=(v[1:4], t[2].transpose(0, 1), filters.transpose(0, 1)),
-            pw_kxk=(v[4], t[3] + identity, kernels.natural_pw_kxk(t[4])),
-            dws=(v[5], t[5], kernels.natural_dws_pointwise(t[6], groups), expansion),
+            pw_kxk=(v[4], t[3] + identity, generation.natural_pw_kxk(t[4])),
+            dws=(v[5], t[5], generation.natural_dws_pointwise(t[6], groups), expansion),
         )
 
     assert torch.autograd.gradcheck(fused, flat)
@@ -150,15 +150,15 @@ def test_fused_generation_gradients_match_autograd(out_ch, in_ch, groups, kernel
 
 def test_denormal_guard_is_skipped_when_the_cpu_flushes_denormals():
     grad = torch.full((4, 4), 2.0**-80)  # float32: takes the guarded path unless denormals are flushed
-    previous = kernels._flushes_denormals()
+    previous = generation._flushes_denormals()
     if not torch.set_flush_denormal(True):
         pytest.skip("this CPU cannot flush denormals")
     try:
-        assert kernels._flushes_denormals()
-        assert kernels._denormal_guard_unit(grad) == 1.0
+        assert generation._flushes_denormals()
+        assert generation._denormal_guard_unit(grad) == 1.0
         torch.set_flush_denormal(False)
-        assert not kernels._flushes_denormals()
-        assert kernels._denormal_guard_unit(grad) == 2.0**-80
+        assert not generation._flushes_denormals()
+        assert generation._denormal_guard_unit(grad) == 2.0**-80
     finally:
         torch.set_flush_denormal(previous)
 
@@ -179,19 +179,19 @@ def test_stacked_generation_equals_each_block_alone(branches, groups, kernel_siz
          for name, shape in shapes.items()]
         for i in range(3)
     ]
-    taps = kernels.tap_branches(branches)
+    taps = generation.tap_branches(branches)
     filters = torch.randn(out_ch, len(taps), math.prod(kernel_size), generator=g, dtype=torch.float64) if taps else None
-    identity = kernels.stacked_identity(width, in_ch, groups) if "pw_kxk" in branches else None
+    identity = generation.stacked_identity(width, in_ch, groups) if "pw_kxk" in branches else None
     upstream = [torch.randn(out_ch, in_ch // groups, *kernel_size, generator=g, dtype=torch.float64) for _ in blocks]
-    together = kernels.generate_kernels_stacked(plan, blocks, filters, identity, torch.float64)
+    together = generation.generate_kernels_stacked(plan, blocks, filters, identity, torch.float64)
     leaves = [t for b in blocks for t in b if t.requires_grad]
     got = torch.autograd.grad([together[0], together[2]], leaves, [upstream[0], upstream[2]], allow_unused=True)
     for i, block in enumerate(blocks):
-        alone = kernels.generate_kernel_autograd(plan, block, filters, identity)
+        alone = generation.generate_kernel_autograd(plan, block, filters, identity)
         assert rel_err(together[i], alone) <= 1e-12
     expected = []
     for i, block in enumerate(blocks):
-        alone = kernels.generate_kernel_autograd(plan, block, filters, identity)
+        alone = generation.generate_kernel_autograd(plan, block, filters, identity)
         need = [t for t in block if t.requires_grad]
         grads = torch.autograd.grad(alone, need, upstream[i]) if i != 1 else [torch.zeros_like(t) for t in need]
         expected.extend(grads)

@@ -13,7 +13,7 @@ from models import randomise_block
 from offline import offline_block, rel_err
 from orepa_convert import OREPAConfig, OREPAConv, convert_to_orepa, fold_orepa, inspect_model, orepa_state
 from orepa_convert.cli import main
-from orepa_convert.models import build_model
+from orepa_convert.cli.model_specs import build_model
 from orepa_convert.state import restore_from_orepa_state
 from strategies import conv_configs
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orepa_convert.synthetic import SHAPES, make_detection_benchmark
+from orepa_convert.data.synthetic import SHAPES, make_detection_benchmark
 
 
 def test_detection_benchmark_labels_are_valid_and_seeded(tmp_path):

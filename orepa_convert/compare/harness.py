@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CompareError, CompareRunError
-from .stats import summarise
+from .stats import best_lr, summarise
 from .variants import parse_variant
 
 logger = logging.getLogger(__name__)
@@ -187,17 +187,16 @@ def choose_lrs(
         return {v: (settings.lrs[0] if settings.lrs else None) for v in settings.variants}
     chosen: dict[str, float | None] = {}
     for variant in settings.variants:
-        scores = {}
-        for lr in settings.lrs:
-            values = [
+        scores = {
+            lr: [
                 r[metric]
                 for r in results.runs
                 if (r["variant"], r["lr"], r["epochs"], r["split"]) == (variant, lr, epochs_of[variant], "val")
                 and r["seed"] in settings.selection_seeds
             ]
-            if values:
-                scores[lr] = sum(values) / len(values)
-        chosen[variant] = max(scores, key=lambda lr: scores[lr]) if scores else None
+            for lr in settings.lrs
+        }
+        chosen[variant] = best_lr(scores)
     return chosen
 
 

@@ -8,12 +8,16 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from ..errors import CompareRunError
-from .variants import option_words, parse_variant
+from ..config import Init
+from ..errors import CompareError, CompareRunError, RecipeError
+from .variants import parse_variant
+
+if TYPE_CHECKING:
+    from ..integrations.timm_recipe import TimmRecipe
 
 #: ultralytics results_dict key of the metric a comparison reports, by task
 _ULTRALYTICS_METRICS = {
@@ -140,56 +144,44 @@ def run_ultralytics(
     ]
 
 
-#: compare options -> flags of :mod:`orepa_convert.timm_train`
-_TIMM_FLAGS = {"batch": "--batch-size", "imgsz": "--img-size"}
+def timm_recipe(settings: dict[str, Any], job: dict[str, Any], output: Path) -> TimmRecipe:
+    """The timm recipe (:mod:`orepa_convert.integrations.timm_recipe`) of one comparison run: the job's variant,
+    seed, epochs and learning rate, then the comparison's ``train_args`` (which win, as later flags do)."""
+    from ..integrations.timm_recipe import TimmRecipe
 
-
-def timm_recipe_args(settings: dict[str, Any], job: dict[str, Any], output: Path) -> list[str]:
-    """The :mod:`orepa_convert.timm_train` command line of one comparison run."""
-    argv = [
-        "--model",
-        settings["model"],
-        "--data-dir",
-        settings["data"],
-        "--epochs",
-        str(job["epochs"]),
-        "--seed",
-        str(job["seed"]),
-        "--output",
-        str(output),
-    ]
     init, options = parse_variant(job["variant"])
-    argv += ["--plain"] if init == "plain" else ["--init", init]
-    for word in option_words(options):
-        argv += ["--orepa-option", word]
+    recipe = TimmRecipe(
+        model=settings["model"],
+        data_dir=str(settings["data"]),
+        epochs=int(job["epochs"]),
+        seed=int(job["seed"]),
+        output=str(output),
+        plain=init == "plain",
+        init=cast(Init, "preserve" if init == "plain" else init),
+        orepa_options=options,
+    )
     if job["lr"] is not None:
-        argv += ["--lr", repr(job["lr"])]
+        recipe = recipe.with_options({"lr": job["lr"]})
     if settings.get("imgsz"):
-        argv += ["--img-size", str(settings["imgsz"])]
-    for key, value in settings["train_args"].items():
-        flag = _TIMM_FLAGS.get(key, "--" + key.replace("_", "-"))
-        if value is True:
-            argv.append(flag)
-        elif value is not False and value is not None:  # 0 and 0.0 are values, not "off"
-            argv += [flag, str(value)]
-    return argv
+        recipe = recipe.with_options({"img_size": settings["imgsz"]})
+    try:
+        return recipe.with_options(settings["train_args"])
+    except RecipeError as exc:
+        raise CompareError(f"--train-arg: {exc}") from None
 
 
 def run_timm(settings: dict[str, Any], job: dict[str, Any], run_dir: Path, has_test: bool) -> list[dict[str, Any]]:
-    """Train ``job`` with the timm recipe (:mod:`orepa_convert.timm_train`); top-1 of the folded model on val and,
-    if the dataset has one, test. The time is the recipe's training epochs (each with its validation)."""
-    import json
-
-    from .. import timm_train
+    """Train ``job`` with the timm recipe; top-1 of the folded model on val and, if the dataset has one, test. The
+    time is the recipe's training epochs (each with its validation)."""
+    from ..integrations.timm_recipe import train_timm
 
     output = run_dir / "train"
     memory = PeakMemory(settings["train_args"].get("device"))
     memory.start()
-    code = timm_train.main(timm_recipe_args(settings, job, output))
+    summary = train_timm(timm_recipe(settings, job, output))
     peak = memory.peak_mb()
-    summary = json.loads((output / "summary.json").read_text(encoding="utf-8"))
-    if code != 0:
-        raise CompareRunError(f"the timm recipe failed its checks (exit {code}): {summary}")
+    if not summary["checks_passed"]:
+        raise CompareRunError(f"the timm recipe failed its checks: {summary}")
     wall = sum(h["seconds"] for h in summary["history"])
     evaluated = {"val": summary["val_acc_folded"]}
     if has_test:

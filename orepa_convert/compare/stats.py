@@ -6,6 +6,9 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+Rate = TypeVar("Rate")
 
 # Two-sided 95 % quantiles of Student's t (t_{0.975, df}) for df = 1..30.
 _T975 = (
@@ -24,6 +27,13 @@ def t_quantile_975(df: int) -> float:
         return _T975[df - 1]
     z = 1.959963984540054
     return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def best_lr(scores: Mapping[Rate, Sequence[float]]) -> Rate | None:
+    """The learning rate whose runs have the best mean (validation) metric, the first listed on a tie; ``None``
+    when no rate has runs."""
+    means = {lr: sum(values) / len(values) for lr, values in scores.items() if values}
+    return max(means, key=means.__getitem__) if means else None
 
 
 @dataclass

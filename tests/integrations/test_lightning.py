@@ -37,6 +37,8 @@ class Probe(Callback):
 
 
 def _trainer(tmp_path, epochs, *callbacks, **kwargs):
+    # Checkpoints only where a test asks for them (resnet18 with every branch: ~300 MB each).
+    kwargs.setdefault("enable_checkpointing", any(isinstance(c, ModelCheckpoint) for c in callbacks))
     return L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                      enable_model_summary=False, default_root_dir=tmp_path, callbacks=list(callbacks), **kwargs)
 
@@ -47,7 +49,7 @@ def _blocks(module) -> list[OREPAConv]:
 
 def test_fit_trains_the_branches_records_the_conversion_and_folds_exactly(tmp_path):
     module, probe = Classifier(), Probe()
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last="link")
     _trainer(tmp_path, 2, OREPA(init="paper", module_attr="model"), probe, ckpt).fit(module, loader())
     blocks = _blocks(module)
     assert len(blocks) == 17  # every kxk conv of resnet18
@@ -67,7 +69,7 @@ def test_fit_trains_the_branches_records_the_conversion_and_folds_exactly(tmp_pa
 
 
 def test_resume_continues_from_the_saved_orepa_state_and_load_from_checkpoint_gives_the_orepa_module(tmp_path):
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last="link")
     trained = Classifier()
     _trainer(tmp_path, 1, OREPA(init="paper"), ckpt).fit(trained, loader())
     last = tmp_path / "ckpt" / "last.ckpt"

@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("ultralytics")
 
 from orepa_convert.state import carried_state, state_paths  # noqa: E402
-from orepa_convert.synthetic import make_dataset  # noqa: E402
+from orepa_convert.data.synthetic import make_dataset  # noqa: E402
 
 BIN = Path(sys.executable).parent
 TINY = ["imgsz=64", "batch=4", "workers=0", "device=cpu", "plots=False", "amp=False", "exist_ok=True"]

@@ -24,7 +24,7 @@ from offline import rel_err  # noqa: E402
 from orepa_convert import OREPAConv, convert_to_orepa, fold_orepa, inspect_model  # noqa: E402
 from orepa_convert.integrations import ultralytics as ul  # noqa: E402
 from orepa_convert.state import carried_state, state_paths, unfold_carried  # noqa: E402
-from orepa_convert.synthetic import make_dataset  # noqa: E402
+from orepa_convert.data.synthetic import make_dataset  # noqa: E402
 
 TRAIN = dict(imgsz=64, batch=4, workers=0, device="cpu", plots=False, amp=False, exist_ok=True, verbose=False)
 
@@ -234,7 +234,7 @@ def test_resume_continues_with_orepa_structure_and_optimizer(trained, tmp_path):
                                        ("detect", "yolo11n.yaml"), ("detect", "yolo26n.yaml"),
                                        ("detect", "yolov10n.yaml")])
 def test_every_task_trains_and_folds(task, cfg, tmp_path):
-    from orepa_convert.models import is_shipped_yaml
+    from orepa_convert.cli.model_specs import is_shipped_yaml
 
     if not is_shipped_yaml(cfg):
         pytest.skip(f"this ultralytics does not ship {cfg}")

@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .config import INITS
-from .convert import inspect_model
-from .errors import OREPAError
-from .models import build_model
+from .. import __version__
+from ..config import INITS
+from ..convert import inspect_model
+from ..errors import OREPAError
+from .model_specs import build_model
 
 
 def _overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -52,8 +52,8 @@ def _fold(args: argparse.Namespace) -> int:
     import torch
     from torch import nn
 
-    from .fold import fold_orepa
-    from .state import STATE_KEY, is_orepa_state_dict, load_file, restore_from_orepa_state, state_from_layout
+    from ..fold import fold_orepa
+    from ..state import STATE_KEY, is_orepa_state_dict, load_file, restore_from_orepa_state, state_from_layout
 
     source = Path(args.checkpoint)
     if not source.is_file():
@@ -64,7 +64,7 @@ def _fold(args: argparse.Namespace) -> int:
     if isinstance(obj, dict) and isinstance(obj.get("ema") or obj.get("model"), nn.Module):
         import ultralytics  # noqa: F401  (the checkpoint unpickled, so ultralytics is installed)
 
-        from .integrations import ultralytics as ul
+        from ..integrations import ultralytics as ul
 
         ul.fold_checkpoint(source, out)
         print(f"folded ultralytics checkpoint -> {out}")
@@ -115,7 +115,7 @@ def _train_arg(text: str) -> tuple[str, object]:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .compare import CompareSettings, run_all
+    from ..compare import CompareSettings, run_all
 
     if args.pool:
         return _pool(args)
@@ -165,13 +165,13 @@ def _compare(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     words = list(args.words)
     if "--timm" in words:  # the timm recipe's options, with --timm NAME for its --model
-        from .timm_train import main as timm_main
+        from ..integrations.timm_recipe import main as timm_main
 
         i = words.index("--timm")
         if i + 1 >= len(words):
             raise ValueError("--timm needs a timm model name, e.g. --timm resnet18")
         return timm_main(words[:i] + ["--model", words[i + 1]] + words[i + 2 :])
-    from .integrations import ultralytics_train
+    from ..integrations import ultralytics_train
 
     if not words or {"-h", "--help", "help"} & set(words):
         print(ultralytics_train.help_text())
@@ -182,7 +182,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _pool(args: argparse.Namespace) -> int:
-    from .compare.pool import write_pool
+    from ..compare.pool import write_pool
 
     if args.model or args.data or args.timm or args.data_dir:
         raise ValueError("--pool reads finished comparisons: give only the study folders (and --project, --effect)")
@@ -356,7 +356,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush does not fail again
         return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

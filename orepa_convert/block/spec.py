@@ -16,15 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import kernels
-from .config import BRANCHES, Init, OREPAConfig
+from ..config import BRANCHES, Init, OREPAConfig
+from . import generation
 
 #: The saved layout a block writes (its ``_extra_state``): ``[LAYOUT_VERSION, branch mask, t, e]``.
 LAYOUT_VERSION = 2
 #: Bit order of the branch mask in layout version 1 (which also kept one tensor per branch and scale).
 _V1_BRANCH_BITS = ("origin", "avg", "prior", "pw_kxk", "pw", "dws")
 
-#: The block's parameter name of each tensor kind of :data:`kernels.PARAMETER_KINDS` (generation order).
+#: The block's parameter name of each tensor kind of :data:`generation.PARAMETER_KINDS` (generation order).
 PARAMETER_NAMES: dict[str, str] = {
     "scales": "scales",
     "origin": "weight_origin",
@@ -96,7 +96,7 @@ class BlockSpec:
         shape = tuple(int(s) for s in weight.shape)
         groups = int(getattr(conv, "groups", 1))
         branches = config.branches_for(shape[2:])
-        if kernels.num_taps(shape[2:]) == 1 and "pw_kxk" not in branches:
+        if generation.num_taps(shape[2:]) == 1 and "pw_kxk" not in branches:
             raise ValueError(
                 f"a 1x1 OREPA block needs the 'pw_kxk' branch (the 1x1 chain); config.branches={config.branches!r}"
             )
@@ -133,17 +133,17 @@ class BlockSpec:
     @property
     def kernel_taps(self) -> int:
         """Positions of the kernel (``kk``)."""
-        return kernels.num_taps(self.kernel_size)
+        return generation.num_taps(self.kernel_size)
 
     @property
     def tap_branches(self) -> list[str]:
         """The fixed-filter 1x1 branches, in the order of their rows in ``weight_taps`` and ``scales``."""
-        return kernels.tap_branches(self.branches)
+        return generation.tap_branches(self.branches)
 
     # -------------------------------------------------------------- parameters
-    def plan(self) -> kernels.GenerationPlan:
+    def plan(self) -> generation.GenerationPlan:
         """The generation plan (blocks with equal plans generate together)."""
-        return kernels.generation_plan(self.shape, self.groups, self.branches, self.expansion, self.width)
+        return generation.generation_plan(self.shape, self.groups, self.branches, self.expansion, self.width)
 
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         """Storage shape of each parameter, by its name on the block, in generation order."""
@@ -154,11 +154,27 @@ class BlockSpec:
             "origin": self.shape,
             "taps": (o, len(self.tap_branches), ig),  # [O, B, I/g]
             "pw_in": (t, ig),
-            "pw": (o, *k, t // g),  # conv layout: kernels.natural_pw_kxk
+            "pw": (o, *k, t // g),  # conv layout: generation.natural_pw_kxk
             "dws_dw": (e * ig * g, 1, *k),
-            "dws_pw": (ig * g, e, o // g),  # conv layout: kernels.natural_dws_pointwise
+            "dws_pw": (ig * g, e, o // g),  # conv layout: generation.natural_dws_pointwise
         }
         return {PARAMETER_NAMES[kind]: shapes[kind] for kind in self.plan().kinds}
+
+    def fixed_tensors(
+        self, dtype: torch.dtype, device: torch.device | str | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The constants generation uses besides the parameters, from their exact float64 values: the tap
+        filters ``[O, B, kk]`` of the fixed-filter branches and the 1x1->kxk identity ``[t, I/g]`` (``None``
+        without those branches)."""
+        taps = self.tap_branches
+        filters = identity = None
+        if taps:
+            rows = [generation.tap_filter(b, self.out_channels, self.kernel_size).flatten(1) for b in taps]
+            filters = torch.stack(rows, 1).to(device=device, dtype=dtype)
+        if "pw_kxk" in self.branches:
+            identity = generation.stacked_identity(self.width, self.in_channels, self.groups)
+            identity = identity.to(device=device, dtype=dtype)
+        return filters, identity
 
     def added_parameters(self) -> int:
         """Parameters the block has beyond the wrapped conv's own (its weight; the bias moves over unchanged)."""
@@ -204,7 +220,7 @@ def upgrade_v1_state(state_dict: dict[str, Any], prefix: str, saved: SavedLayout
     """Rewrite a layout-1 block state in place: ``weight_avg/prior/pw`` -> ``weight_taps``, ``scale_<branch>``
     -> ``scales`` and ``weight_dws_pw`` from ``[I, O/g, e]`` to ``[I, e, O/g]`` (same values, so the loaded block
     computes exactly what the saved one did)."""
-    taps = kernels.tap_branches(saved.branches)
+    taps = generation.tap_branches(saved.branches)
     if taps and all(prefix + f"weight_{b}" in state_dict for b in taps):
         state_dict[prefix + "weight_taps"] = torch.stack([state_dict.pop(prefix + f"weight_{b}") for b in taps], 1)
     if prefix + "weight_dws_pw" in state_dict:  # layout 1 stored [I, O/g, e]

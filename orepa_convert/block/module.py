@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import math
 import warnings
-from collections.abc import Hashable
 from typing import Any, cast
 
 import torch
@@ -16,140 +12,19 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.modules.conv import _ConvNd
 
-from . import kernels
-from .config import PAPER_SCALE_INIT, PAPER_SCALE_INIT_1X1, OREPAConfig
-from .errors import OREPALayoutError
-from .spec import PARAMETER_NAMES, BlockSpec, SavedLayout, upgrade_v1_state
-
-_PLAIN_CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def _same_padding_convs() -> tuple[type[nn.Module], ...]:
-    """Conv classes whose own forward the block runs with the generated weight, besides the plain ones: timm's
-    run-time 'same' padding conv and the classes users register (:func:`orepa_convert.register_conv_type`)."""
-    from .integrations.timm import same_padding_conv_types
-    from .registry import registered_conv_types
-
-    return same_padding_conv_types() + registered_conv_types()
-
-
-def supported_conv_types() -> tuple[type[nn.Module], ...]:
-    """Classes that :class:`OREPAConv` wraps: these, and subclasses of ``nn.Conv1d/2d/3d`` that keep their base's
-    forward (see :func:`runs_plain_forward`)."""
-    return _PLAIN_CONVS + _same_padding_convs()
-
-
-def runs_plain_forward(cls: type) -> bool:
-    """Whether instances of ``cls`` compute a plain ``nn.Conv1d/2d/3d`` forward: the class itself, or a subclass
-    that only changes construction (e.g. torchvision's ``Conv3DSimple``) and overrides neither ``forward`` nor
-    ``_conv_forward``."""
-    return _runs_plain_forward(cast(Hashable, cls))
-
-
-@functools.cache
-def _runs_plain_forward(cls: Any) -> bool:
-    base: Any = next((b for b in _PLAIN_CONVS if issubclass(cls, b)), None)
-    return base is not None and cls.forward is base.forward and cls._conv_forward is base._conv_forward
-
-
-#: Warning when ``torch.export`` (and the default, dynamo-based ``torch.onnx.export``) traces an eval-mode block.
-EXPORT_UNFOLDED = (
-    "exporting an unfolded OREPA model: torch.export traces the parameters as fake tensors, so the graph keeps each "
-    "block's kernel generation and branch weights (several times the folded model's nodes and weights). Call "
-    "orepa_convert.fold_orepa(model) before torch.export / torch.onnx.export(dynamo=True) to export the plain, "
-    "folded graph (torch.onnx.export(..., dynamo=False) and torch.jit.trace record each block as its folded conv)"
+from ..config import OREPAConfig
+from ..errors import OREPALayoutError
+from .inits import INITIALISERS
+from .runtime import (
+    EXPORT_UNFOLDED,
+    autocast_off,
+    generate_kernels,
+    generation_ahead_allowed,
+    generation_dtype,
+    traced_generation,
 )
-
-SINGLE_TAP = "single-tap (1x1) kernel (opt 1x1 convs in with kernel_sizes=(1, 3))"
-
-
-def unsupported_reason(conv: nn.Module, *, pointwise: bool = False) -> str | None:
-    """Why ``conv`` cannot be wrapped, or ``None`` if it can; single-tap (1x1) kernels only with ``pointwise``."""
-    if torch.nn.utils.parametrize.is_parametrized(conv, "weight"):
-        return "weight is parametrized"
-    cls = type(conv)
-    if not runs_plain_forward(cls) and not issubclass(cls, _same_padding_convs()):
-        name = f"{cls.__module__}.{cls.__qualname__}"
-        if isinstance(conv, _PLAIN_CONVS):
-            return f"conv subclass {name} overrides forward/_conv_forward (its computation is not a plain conv's)"
-        return f"unsupported conv class {name}"
-    if isinstance(conv, nn.modules.lazy.LazyModuleMixin) or getattr(conv, "transposed", False):
-        return "lazy or transposed conv"
-    weight = conv._parameters.get("weight")
-    if not isinstance(weight, nn.Parameter):
-        return "conv has no weight parameter"
-    if kernels.num_taps(weight.shape[2:]) < 2 and not pointwise:
-        return SINGLE_TAP
-    return None
-
-
-def branch_parameter_count(conv: _ConvNd, config: OREPAConfig) -> int:
-    """Parameters an :class:`OREPAConv` around ``conv`` would have beyond ``conv``'s own (weight and bias)."""
-    return BlockSpec.for_conv(conv, config).added_parameters()
-
-
-def generation_ahead_allowed() -> bool:
-    """Whether a kernel generated before the forward pass may stand in for generating it in the block: grad
-    mode on and nothing that records the forward differently (``torch.compile`` tracing, functorch transforms,
-    saved-tensor hooks as used by activation checkpointing and offloading). See :mod:`orepa_convert.ahead`."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return False
-    top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    if top_hooks is None:
-        return False  # cannot tell whether saved-tensor hooks are active: generate in the block
-    try:
-        return top_hooks(False) is None
-    except Exception:  # another torch's signature or state: do not guess, generate in the block
-        return False
-
-
-def generation_dtype(param_dtype: torch.dtype) -> torch.dtype:
-    """The dtype a block generates its kernel in: float64 for float64 parameters; else float32, or float64
-    while float32 matmuls may run at reduced precision (``torch.set_float32_matmul_precision`` other than
-    ``"highest"``, e.g. TF32), which would make the trained function drift from the exact fold by ~1e-3. This
-    reads the global setting and never changes it (thread-safe, no graph break)."""
-    if param_dtype == torch.float64 or _reduced_float32_matmuls():
-        return torch.float64
-    return torch.float32
-
-
-@torch.compiler.assume_constant_result
-def _reduced_float32_matmuls() -> bool:
-    """Whether float32 matmuls may run at reduced precision. Under ``torch.compile`` it is read once, when the
-    graph is traced (set the precision before compiling, as the compiled matmuls follow it too)."""
-    return torch.get_float32_matmul_precision() != "highest"
-
-
-def traced_generation() -> bool:
-    """Whether generation must use plain differentiable ops: under ``torch.compile`` tracing (the compiler
-    derives and fuses the backward) or inside ``torch.func`` transforms (which cannot see through the fused
-    autograd node)."""
-    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-
-
-def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast disabled on ``device`` (thread-local state) if it is enabled there."""
-    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def generate_kernels(plan: kernels.GenerationPlan, blocks: list[OREPAConv], dtype: torch.dtype) -> tuple[Tensor, ...]:
-    """The kernels of ``blocks`` (all with ``plan``, parameters of one dtype and device) in ``dtype``: one fused
-    autograd node for all of them, or plain ops per block under :func:`traced_generation`. Kernels come back
-    in ``dtype``."""
-    first = blocks[0]
-    filters, identity = first.tap_filters, first.pw_kxk_identity
-    if filters is not None and filters.dtype != dtype:
-        filters = filters.to(dtype)
-    if identity is not None and identity.dtype != dtype:
-        identity = identity.to(dtype)
-    if traced_generation():
-        return tuple(
-            kernels.generate_kernel_autograd(plan, [t.to(dtype) for t in b.generation_inputs()], filters, identity)
-            for b in blocks
-        )
-    return kernels.generate_kernels_stacked(plan, [b.generation_inputs() for b in blocks], filters, identity, dtype)
+from .spec import PARAMETER_NAMES, BlockSpec, SavedLayout, upgrade_v1_state
+from .support import runs_plain_forward, unsupported_reason
 
 
 class OREPAConv(nn.Module):
@@ -176,6 +51,7 @@ class OREPAConv(nn.Module):
     _conv: _ConvNd
     scales: nn.Parameter
     weight_origin: nn.Parameter
+    weight_taps: nn.Parameter
     bias: nn.Parameter | None
 
     def __init__(
@@ -192,50 +68,11 @@ class OREPAConv(nn.Module):
         config = config or OREPAConfig()
         weight = cast(nn.Parameter, conv.weight)
         self.spec: BlockSpec = BlockSpec.for_conv(conv, config)
-        spec = self.spec
-        shapes = spec.parameter_shapes()
-        kk, ig, g, t, e = spec.kernel_taps, spec.in_per_group, spec.groups, spec.width, spec.expansion
         gen = generator if generator is not None else torch.Generator().manual_seed(config.seed)
-
-        def random(shape: tuple[int, ...], fan_in: int) -> nn.Parameter:
-            bound = math.sqrt(6.0 / fan_in)  # Kaiming-uniform with a = 0
-            data = torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=gen)
-            return nn.Parameter(data.to(device=weight.device, dtype=weight.dtype), weight.requires_grad)
-
-        # Random draws in branch order (the order fixes every block's values for a seed).
-        taps = spec.tap_branches
-        for branch in spec.branches:
-            if branch == "origin":
-                if config.init == "preserve":
-                    self.weight_origin = weight  # the very same Parameter: exact, and no copy
-                else:
-                    self.weight_origin = random(shapes["weight_origin"], ig * kk)
-            elif branch in taps[:1]:
-                o, b, _ = shapes["weight_taps"]
-                rows = [random((o, 1, ig), ig) for _ in range(b)]  # one draw per fixed-filter branch
-                self.weight_taps = nn.Parameter(torch.cat(tuple(rows), 1), weight.requires_grad)
-            elif branch == "pw_kxk":
-                zeros = torch.zeros(shapes["weight_pw_kxk_in"], device=weight.device, dtype=weight.dtype)
-                self.weight_pw_kxk_in = nn.Parameter(zeros, weight.requires_grad)
-                self.weight_pw_kxk = random(shapes["weight_pw_kxk"], t // g * kk)
-            elif branch == "dws":
-                self.weight_dws_dw = random(shapes["weight_dws_dw"], kk)
-                self.weight_dws_pw = random(shapes["weight_dws_pw"], e * ig)
-        if config.init == "preserve":
-            values = [1.0 if b == "origin" else 0.0 for b in spec.branches]
-        else:  # "paper", and "scratch" before _match_kernel_norm
-            values = [(PAPER_SCALE_INIT_1X1 if kk == 1 else PAPER_SCALE_INIT)[b] for b in spec.branches]
-        scales = torch.tensor(values, dtype=torch.float64).repeat_interleave(spec.out_channels)
-        # one 1-D parameter [n * O]; row j of its [n, O] view scales branch j (see scale())
-        self.scales = nn.Parameter(scales.to(device=weight.device, dtype=weight.dtype), weight.requires_grad)
-        self._plan = spec.plan()
-        live = config.init == "preserve_live"
-        wrapped = weight.detach().double() if live else None
-        target_norm = (
-            weight.detach().flatten(1).norm(dim=1).double() if config.init in ("scratch", "preserve_live") else None
-        )
-        if live and target_norm is not None:
-            target_norm = target_norm * config.live_scale
+        for name, value in INITIALISERS[config.init](self.spec, weight, gen).items():
+            param = value if isinstance(value, nn.Parameter) else nn.Parameter(value, weight.requires_grad)
+            self.register_parameter(name, param)
+        self._plan = self.spec.plan()
 
         # Take the conv over: its weight is generated from now on, its bias lives here.
         bias = conv._parameters["bias"] if "bias" in conv._parameters else None
@@ -249,29 +86,7 @@ class OREPAConv(nn.Module):
         self.register_buffer("tap_filters", None, persistent=False)
         self.register_buffer("pw_kxk_identity", None, persistent=False)
         self._refresh_constants()
-        if target_norm is not None:
-            self._match_kernel_norm(target_norm)
-        if wrapped is not None:
-            self._absorb_into_origin(wrapped)
         self.train(conv.training)
-
-    @torch.no_grad()
-    def _match_kernel_norm(self, target: Tensor) -> None:
-        """``init="scratch"``: rescale each output channel's scales (the kernel is linear in them) so that the
-        generated kernel's channel norms equal ``target`` (the wrapped conv's weight norms)."""
-        norm = self.generate_kernel(torch.float64).flatten(1).norm(dim=1)
-        factor = torch.where(norm > 0, target.to(norm.device) / norm, torch.ones_like(norm))
-        self.scales.copy_((self.scales.view(len(self.branches), -1).double() * factor).flatten().to(self.scales.dtype))
-
-    @torch.no_grad()
-    def _absorb_into_origin(self, wrapped: Tensor) -> None:
-        """``init="preserve_live"``: origin scale 1 and origin weight = ``wrapped`` minus what the other branches
-        generate, so that the block computes the wrapped conv's function (to float rounding) with every branch live."""
-        row = self.scales.view(len(self.branches), -1)[self._branch_index("origin")]
-        scale = row.double().view(-1, *([1] * (wrapped.dim() - 1)))
-        others = self.generate_kernel(torch.float64) - self.weight_origin.double() * scale
-        row.fill_(1.0)
-        self.weight_origin.copy_((wrapped.to(others.device) - others).to(self.weight_origin.dtype))
 
     # ------------------------------------------------------------------ conv attributes
     @property
@@ -328,7 +143,7 @@ class OREPAConv(nn.Module):
     def branch_weight(self, branch: str) -> Tensor:
         """The weight of a fixed-filter 1x1 branch (``avg``, ``prior``, ``pw``) as ``[O, I/g]``: a view into
         ``weight_taps``."""
-        taps = kernels.tap_branches(self.branches)
+        taps = self.spec.tap_branches
         if branch not in taps:
             raise ValueError(f"{branch!r} is not a fixed-filter 1x1 branch of this block (it has {taps})")
         return self.weight_taps[:, taps.index(branch)]
@@ -344,19 +159,15 @@ class OREPAConv(nn.Module):
         the kernel is generated in."""
         scales = self.scales
         dtype = torch.float64 if scales.dtype == torch.float64 else torch.float32
-        taps = kernels.tap_branches(self.branches)
         target = (scales.device, dtype)
         current = [b for b in (self._buffers.get("tap_filters"), self._buffers.get("pw_kxk_identity")) if b is not None]
         if self.__dict__.get("_constants_built") == target and all((b.device, b.dtype) == target for b in current):
             return  # built for this device and dtype and untouched (e.g. .float() of a float32 block): keep them
-        if taps:
-            filters = torch.stack(
-                [kernels.tap_filter(b, self.out_channels, self.kernel_size).flatten(1) for b in taps], 1
-            )
-            self.tap_filters = filters.to(device=scales.device, dtype=dtype)  # [O, B, kk]
-        if "pw_kxk" in self.branches:
-            identity = kernels.stacked_identity(self.pw_kxk_width, self.in_channels, self.groups)
-            self.pw_kxk_identity = identity.to(device=scales.device, dtype=dtype)
+        filters, identity = self.spec.fixed_tensors(dtype, scales.device)
+        if filters is not None:
+            self.tap_filters = filters  # [O, B, kk]
+        if identity is not None:
+            self.pw_kxk_identity = identity  # [t, I/g]
         self.__dict__["_constants_built"] = target
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
@@ -382,13 +193,14 @@ class OREPAConv(nn.Module):
                 pw_kxk_multiplier=multiplier,
             )
         super().__setstate__(state)
+        self._plan = self.spec.plan()  # derived, so not pickled (nor tied to the generation module's path)
         if "tap_filters" not in self._buffers:  # pickled by a version that kept them in a cache
             self._buffers.update(tap_filters=None, pw_kxk_identity=None)
             self._non_persistent_buffers_set.update(("tap_filters", "pw_kxk_identity"))
             self._refresh_constants()
 
     def generation_inputs(self) -> list[Tensor]:
-        """The block's parameter tensors in :attr:`kernels.GenerationPlan.kinds` order."""
+        """The block's parameter tensors in :attr:`~.generation.GenerationPlan.kinds` order."""
         params = self._parameters
         return [cast(Tensor, params[PARAMETER_NAMES[kind]]) for kind in self._plan.kinds]
 
@@ -401,7 +213,7 @@ class OREPAConv(nn.Module):
         """
         scales = self.scales
         dtype = compute_dtype or generation_dtype(scales.dtype)
-        with _autocast_off(scales.device):
+        with autocast_off(scales.device):
             kernel = generate_kernels(self._plan, [self], dtype)[0]
         return kernel if kernel.dtype == scales.dtype else kernel.to(scales.dtype)
 
@@ -540,6 +352,7 @@ class OREPAConv(nn.Module):
         state = self.__dict__.copy()
         state.pop("_kernel_cache", None)  # derived, device-bound: never pickled or deep-copied
         state.pop("_ahead", None)
+        state.pop("_plan", None)
         return state
 
     def extra_repr(self) -> str:
