@@ -160,12 +160,9 @@ def timm_recipe(settings: dict[str, Any], job: dict[str, Any], output: Path) -> 
         init=cast(Init, "preserve" if init == "plain" else init),
         orepa_options=options,
     )
-    if job["lr"] is not None:
-        recipe = recipe.with_options({"lr": job["lr"]})
-    if settings.get("imgsz"):
-        recipe = recipe.with_options({"img_size": settings["imgsz"]})
+    own = {"lr": job["lr"], "img_size": settings.get("imgsz")}  # None: the recipe's default
     try:
-        return recipe.with_options(settings["train_args"])
+        return recipe.with_options({**own, **settings["train_args"]})
     except RecipeError as exc:
         raise CompareError(f"--train-arg: {exc}") from None
 

@@ -47,8 +47,3 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     except ValueError as exc:
         raise CompareError(f"variant {text!r}: {exc}") from None
     return init, options
-
-
-def option_words(options: dict[str, Any]) -> list[str]:
-    """``options`` as ``FIELD=VALUE`` words (the inverse of the parsing above)."""
-    return [f"{k}={'+'.join(v) if isinstance(v, tuple) else v}" for k, v in options.items()]

@@ -101,24 +101,27 @@ class TimmRecipe:
     def with_options(self, options: dict[str, Any]) -> TimmRecipe:
         """A copy with ``options`` (field names, or ``batch`` / ``imgsz`` as ultralytics calls them) set, each
         value read as its field's type; ``None`` and ``False`` leave a field as it is."""
-        fields = {f.name: f for f in dataclasses.fields(self)}
+        settable = {f.name for f in dataclasses.fields(self)} - _NOT_OPTIONS
         changes: dict[str, Any] = {}
         for key, value in options.items():
             name = _ALIASES.get(key, key)
-            if name not in fields or name in ("orepa_options", "data_dir", "output"):
-                options_named = sorted(set(fields) - {"orepa_options", "data_dir", "output"})
-                raise RecipeError(f"the timm recipe has no option {key!r}; its options: {', '.join(options_named)}")
+            if name not in settable:
+                raise RecipeError(f"the timm recipe has no option {key!r}; its options: {', '.join(sorted(settable))}")
             if value is None or value is False:
                 continue
             default = getattr(self, name)
             kind = type(default) if default is not None else str
+            if kind is bool and value is not True:
+                raise RecipeError(f"timm recipe option {key}={value!r}: expected True or False")
             try:
-                changes[name] = value if kind is bool else kind(value)
+                changes[name] = kind(value)
             except (TypeError, ValueError):
                 raise RecipeError(f"timm recipe option {key}={value!r}: expected {kind.__name__}") from None
         return dataclasses.replace(self, **changes)
 
 
+#: fields a run's options do not set (the data, where results go, and the block options, which have their own form)
+_NOT_OPTIONS = {"data_dir", "output", "orepa_options"}
 #: ultralytics' names of recipe options (as ``compare --train-arg`` may give them)
 _ALIASES = {"batch": "batch_size", "imgsz": "img_size"}
 
@@ -331,14 +334,14 @@ def train_timm(recipe: TimmRecipe) -> dict[str, Any]:
             ok = ok and summary["onnx_rel_err"] <= 1e-4
         except ImportError:
             summary["onnx_rel_err"] = None
-        summary["checks_passed"] = ok
+    summary["checks_passed"] = ok
+    if main_process:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         print(f"folded: val top-1 {acc_folded:.4f} (unfolded {acc_orepa:.4f}), fold error {rel:.2e}")
-        print(f"wrote {out_dir / 'folded.pth'}, {out_dir / 'last.pth'}, {onnx_path}")
+        print(f"wrote {out_dir / 'folded.pth'}, {out_dir / 'last.pth'}, {out_dir / 'model.onnx'}")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    summary["checks_passed"] = ok
     return summary
 
 
